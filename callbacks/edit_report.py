@@ -1,0 +1,150 @@
+"""EditReport: what a user looks at after a sequential editing run.
+
+After every round's evaluation it records the scores (per edit round and over all edits so far), and
+rewrites ``metrics.json`` and ``metrics.png`` in the run directory, so a crash loses nothing already
+measured; at fit end it saves the adapter in peft format (loadable with ``PeftModel.from_pretrained`` and
+by vLLM) and, if asked, a merged full model. The history is callback state, so it survives a resume.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from lit_corsa.evaluation import PROTOCOLS
+from lit_corsa.metrics import forgetting
+
+PROTOCOL_NOTES = {
+    "schedule": "after training round k, every edit of rounds 0..k is scored (sequential editing)",
+    "immediate": "mean over rounds r of the score of round r's edits right after round r",
+    "final": "mean over rounds r of the score of round r's edits after the last round",
+    "forgetting": "spec §6: mean over r < last of (immediate score of round r - its score after the last round); "
+                  "positive = forgotten",
+}
+
+
+def summarise(history: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Immediate / final scores and forgetting for every metric measured in every round."""
+    rounds = sorted(history)
+    last = rounds[-1]
+    names = sorted(set.intersection(*(set(history[r]["by_edit_round"][r]) for r in rounds)))
+    summary: dict[str, Any] = {"after_last_round": history[last]["all"], "immediate": {}, "final": {}, "forgetting": {}}
+    for name in names:
+        table = {k: {r: history[k]["by_edit_round"][r][name] for r in history[k]["by_edit_round"]} for k in rounds}
+        summary["immediate"][name] = sum(table[r][r] for r in rounds) / len(rounds)
+        summary["final"][name] = sum(table[last][r] for r in rounds) / len(rounds)
+        if len(rounds) > 1:
+            summary["forgetting"][name] = forgetting(table)
+    return summary
+
+
+def plot_history(history: dict[int, dict[str, Any]], path: Path, title: str = "") -> None:
+    """One panel per metric: the score over all edits so far, and each round's edits over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = sorted(history)
+    names = sorted(history[rounds[-1]]["all"])
+    columns = min(3, len(names))
+    rows = -(-len(names) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        ax.plot(rounds, [history[k]["all"].get(name, float("nan")) for k in rounds], "k-o", lw=2, label="all edits so far")
+        for r in rounds:
+            later = [k for k in rounds if k >= r]
+            ax.plot(later, [history[k]["by_edit_round"][r].get(name, float("nan")) for k in later], "--", alpha=0.6,
+                    label=f"round {r} edits" if len(rounds) <= 6 else None)
+        ax.set_title(name)
+        ax.set_xlabel("after round")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks(rounds)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+class EditReport(L.Callback):
+    """Writes ``metrics.json``, ``metrics.png`` and the adapter (``adapter/``, optionally ``merged/``)."""
+
+    def __init__(self, output_dir: str | None = None, merge_adapter: bool = False, plot: bool = True) -> None:
+        self.output_dir, self.merge_adapter, self.plot = output_dir, merge_adapter, plot
+        self.history: dict[int, dict[str, Any]] = {}
+        self.test_scores: dict[str, Any] | None = None
+
+    def run_dir(self, trainer: L.Trainer) -> Path:
+        path = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.training:
+            return
+        scores = pl_module.last_scores
+        self.history[scores["eval_round"]] = {"all": scores["all"], "by_edit_round": scores["by_edit_round"]}
+        self._write(trainer, pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.test_scores = pl_module.last_scores
+        self._write(trainer, pl_module)
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_dir = self.run_dir(trainer)
+        payload: dict[str, Any] = {
+            "method": pl_module.hparams.get("method"),
+            "objective": asdict(pl_module.objective) if hasattr(pl_module, "objective") else None,
+            "model": pl_module.hparams.get("model_name_or_path"),
+            "data": getattr(trainer.datamodule, "source", None),
+            "protocol": {**PROTOCOL_NOTES, "metrics": PROTOCOLS},
+            "rounds": [{"eval_round": k, **self.history[k]} for k in sorted(self.history)],
+        }
+        if self.history:
+            payload["summary"] = summarise(self.history)
+        if self.test_scores is not None:
+            payload["test"] = self.test_scores
+        _write_json(run_dir / "metrics.json", payload)
+        if self.plot and self.history:
+            plot_history(self.history, run_dir / "metrics.png", f"{payload['method']} on {payload['data']}")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.save_adapter(pl_module, self.run_dir(trainer))
+
+    def save_adapter(self, pl_module: L.LightningModule, run_dir: Path) -> None:
+        adapter_dir = run_dir / "adapter"
+        pl_module.model.save_pretrained(adapter_dir)
+        pl_module.tokenizer.save_pretrained(adapter_dir)
+        if self.merge_adapter:
+            from peft import PeftModel
+
+            from lit_corsa.lora import load_causal_lm
+
+            hp = pl_module.hparams
+            base = load_causal_lm(hp.model_name_or_path, hp.dtype)
+            merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+            merged.save_pretrained(run_dir / "merged")
+            pl_module.tokenizer.save_pretrained(run_dir / "merged")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {int(k): v for k, v in state_dict["history"].items()}

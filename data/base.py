@@ -1,0 +1,206 @@
+"""EditDataModule: the sequential-update protocol shared by every editing benchmark.
+
+The edits are split into ``num_updates`` rounds of ``edits_per_update``. Round k is trained for
+``epochs_per_update`` epochs (the round of an epoch is ``epoch // epochs_per_update``); after it, every
+edit of rounds 0..k is evaluated, which is how forgetting is measured. The current round is part of the
+DataModule's ``state_dict`` (so it travels in Lightning checkpoints) together with a fingerprint of the
+edit data, so resuming against different data fails loudly instead of mixing rounds.
+
+Subclasses only say how to turn raw rows of their format into :class:`EditRecord`s (``parse_rows``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any
+
+import lightning.pytorch as L
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from data.formats import DataFormatError, EditRecord, read_records
+from data.sources import is_local, resolve
+from data.tokenization import AnswerTokenizer, EncodedProbe, EncodedRequest, ProbeCollator, RequestCollator, encode_probe, encode_request
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class EditDataModule(L.LightningDataModule):
+    """Serves one round of edits for training and all rounds so far for evaluation.
+
+    Args:
+        source: a local ``.json``/``.jsonl`` file, a hub dataset id, or a ``world:`` alias.
+        tokenizer: tokenizer path or hub id (the CLI links it to the model's).
+        num_updates: number of sequential rounds.
+        edits_per_update: edits per round; ``None`` splits all records evenly.
+        epochs_per_update: training epochs spent on each round.
+        shuffle_seed: seed of the record order before splitting into rounds (``None`` keeps file order).
+        limit: use only the first ``limit`` records (after shuffling), for quick runs.
+        split: split name when ``source`` is a hub dataset.
+        chat_template: wrap prompts in the tokenizer's chat template (instruct models).
+    """
+
+    hub_split: str = "train"
+
+    def __init__(
+        self,
+        source: str,
+        tokenizer: str = "world:model",
+        num_updates: int = 1,
+        edits_per_update: int | None = None,
+        epochs_per_update: int = 1,
+        batch_size: int = 8,
+        eval_batch_size: int = 32,
+        max_length: int = 256,
+        shuffle_seed: int | None = 0,
+        limit: int | None = None,
+        split: str | None = None,
+        chat_template: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_updates < 1 or epochs_per_update < 1 or (edits_per_update is not None and edits_per_update < 1):
+            raise ValueError("num_updates, epochs_per_update and edits_per_update must be positive")
+        self.save_hyperparameters()
+        self.source, self.tokenizer_name = source, tokenizer
+        self.num_updates, self.edits_per_update, self.epochs_per_update = num_updates, edits_per_update, epochs_per_update
+        self.batch_size, self.eval_batch_size, self.max_length = batch_size, eval_batch_size, max_length
+        self.shuffle_seed, self.limit, self.split = shuffle_seed, limit, split or self.hub_split
+        self.chat_template, self.num_workers = chat_template, num_workers
+        self.current_round = 0
+        self.rounds: list[list[EditRecord]] = []
+        self._encoded_requests: list[list[EncodedRequest]] = []
+        self._encoded_probes: list[list[EncodedProbe]] = []
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    # ---- reading -------------------------------------------------------------------------------------
+    def parse_rows(self, rows: list[dict[str, Any]], source: str) -> list[EditRecord]:
+        """Validate raw rows of this benchmark's format(s) and normalise them (each subclass's job)."""
+        raise NotImplementedError
+
+    def read_rows(self) -> tuple[list[dict[str, Any]], str]:
+        """Rows from a local file, or from the hub when ``source`` is not a local path."""
+        if is_local(self.source):
+            path = resolve(self.source)
+            return read_records(path), path
+        from datasets import load_dataset
+
+        try:
+            dataset = load_dataset(self.source, split=self.split)
+        except Exception as err:  # the hub client raises many types; the user needs the id and the cause
+            raise DataFormatError(f"{self.source}: not a local file and could not be loaded from the hub ({err})") from err
+        return [dict(row) for row in dataset], f"{self.source}[{self.split}]"
+
+    def load_records(self) -> list[EditRecord]:
+        rows, source = self.read_rows()
+        records = self.parse_rows(rows, source)
+        if not records:
+            raise DataFormatError(f"{source}: no usable records")
+        if self.shuffle_seed is not None:
+            random.Random(self.shuffle_seed).shuffle(records)
+        return records[: self.limit] if self.limit else records
+
+    # ---- rounds --------------------------------------------------------------------------------------
+    @staticmethod
+    def split_rounds(records: list[EditRecord], num_updates: int, edits_per_update: int | None) -> list[list[EditRecord]]:
+        per_round = edits_per_update or len(records) // num_updates
+        if per_round < 1 or per_round * num_updates > len(records):
+            raise ValueError(
+                f"{num_updates} rounds of {edits_per_update or per_round} edits need "
+                f"{num_updates * max(per_round, 1)} records, the data has {len(records)}"
+            )
+        return [records[k * per_round : (k + 1) * per_round] for k in range(num_updates)]
+
+    def round_of_epoch(self, epoch: int) -> int:
+        return min(epoch // self.epochs_per_update, self.num_updates - 1)
+
+    @property
+    def fingerprint(self) -> str:
+        ids = "|".join(r.record_id for round_ in self.rounds for r in round_)
+        return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, validate, split and tokenise everything once; nothing is kept if any step fails."""
+        if self.rounds:
+            return
+        rounds = self.split_rounds(self.load_records(), self.num_updates, self.edits_per_update)
+        tok = AnswerTokenizer(self.tokenizer, self.chat_template, self.max_length)
+        requests, probes, next_request, next_probe = [], [], 0, 0
+        for k, round_records in enumerate(rounds):
+            round_requests, round_probes = [], []
+            for record in round_records:
+                for request in record.requests:
+                    round_requests.append(encode_request(tok, next_request, request))
+                    next_request += 1
+                for probe in record.probes:
+                    round_probes.append(encode_probe(tok, next_probe, k, probe))
+                    next_probe += 1
+            requests.append(round_requests)
+            probes.append(round_probes)
+        self.rounds, self._encoded_requests, self._encoded_probes = rounds, requests, probes
+        self.pad_id = tok.pad_id
+
+    # ---- loaders -------------------------------------------------------------------------------------
+    def _sync_round_with_trainer(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            self.current_round = self.round_of_epoch(trainer.current_epoch)
+
+    def train_dataloader(self) -> DataLoader:
+        self._sync_round_with_trainer()
+        return DataLoader(
+            self._encoded_requests[self.current_round], batch_size=self.batch_size, shuffle=True,
+            collate_fn=RequestCollator(self.pad_id), num_workers=self.num_workers,
+        )
+
+    def eval_probes(self, upto_round: int | None = None) -> list[EncodedProbe]:
+        """Every probe of rounds 0..``upto_round`` (default: the current round)."""
+        last = self.current_round if upto_round is None else upto_round
+        return [p for round_probes in self._encoded_probes[: last + 1] for p in round_probes]
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.eval_probes(), batch_size=self.eval_batch_size, shuffle=False,
+            collate_fn=ProbeCollator(self.pad_id), num_workers=self.num_workers,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def requests_of_round(self, round_index: int) -> list[EncodedRequest]:
+        return self._encoded_requests[round_index]
+
+    def all_requests(self, upto_round: int | None = None) -> list[EncodedRequest]:
+        last = self.current_round if upto_round is None else upto_round
+        return [r for round_requests in self._encoded_requests[: last + 1] for r in round_requests]
+
+    # ---- checkpointed state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "current_round": self.current_round,
+            "num_updates": self.num_updates,
+            "records_fingerprint": self.fingerprint if self.rounds else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not self.rounds:
+            self.setup()
+        if state["records_fingerprint"] not in (None, self.fingerprint) or state["num_updates"] != self.num_updates:
+            raise ValueError(
+                "the checkpoint was made with different edit data or rounds "
+                f"(fingerprint {state['records_fingerprint']} vs {self.fingerprint}, "
+                f"num_updates {state['num_updates']} vs {self.num_updates})"
+            )
+        self.current_round = state["current_round"]

@@ -1,0 +1,125 @@
+"""Code API updates in CodeUpdateArena's two layouts: grouped (``{"update", "prog_syn_examples"}`` per
+line, the repo's ``arena.jsonl``) and hub rows (one program-synthesis example per row, with its
+``update``; ``leo-liuzy/CodeUpdateArena``), which are grouped back by ``update.update_id``.
+
+One edit = one API update. Its first ``train_examples`` program-synthesis examples are the training
+requests (prompt = problem + solution signature, new answer = the reference solution's body); the rest
+are ``program`` probes, scored by Pass@k of generated bodies against their unit tests with the updated
+function patched in. The answer a request replaces comes from the example's ``old_solution`` when the
+file has it (the embedded world writes it; the real files do not, and such requests train without the
+margin term).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from data.base import EditDataModule
+from data.formats import EditRecord, EditRequest, Probe, ProgramTest, RecordError, RecordReader
+
+
+def solution_body(solution: str, signature: str) -> str:
+    """What follows the signature in a reference solution (the part a model must generate): an indented
+    block keeps its leading newline and indentation, a one-line body is stripped."""
+    position = solution.find(signature)
+    body = solution[position + len(signature):] if position >= 0 else solution
+    return body.rstrip() if body.lstrip(" \t").startswith("\n") else body.strip()
+
+
+def join_solution(signature: str, body: str) -> str:
+    """Signature + generated body as a program (a one-line body goes on the signature's line)."""
+    return signature + (body if body[:1] in ("\n", " ", "\t") else " " + body)
+
+
+def split_unit_tests(tests: str | list[str]) -> tuple[str, ...]:
+    """Tests come as a list of function sources or as one string of functions separated by blank lines."""
+    if isinstance(tests, list):
+        return tuple(tests)
+    return tuple(t for t in re.split(r"\n\s*\n(?=def |@)", tests) if t.strip())
+
+
+def _unit_tests(reader: RecordReader, field_path: str) -> tuple[str, ...]:
+    value = reader.get(field_path, lambda v: isinstance(v, (str, list)) and len(v) > 0,
+                       "test sources (a non-empty string or list of strings)")
+    if isinstance(value, list):
+        reader.strings(field_path)
+    return split_unit_tests(value)
+
+
+def _parse_update(reader: RecordReader) -> dict[str, str]:
+    update = reader.child(reader.get("update", lambda v: isinstance(v, dict), "an object"), "update")
+    fields = ("update_id", "function_path", "docstring", "imports", "implementation")
+    parsed = {name: update.string(name) for name in fields}
+    if "." not in parsed["function_path"]:
+        raise update.error("function_path", "a dotted path such as 'math.sin'", parsed["function_path"])
+    return parsed
+
+
+def _parse_example(reader: RecordReader, update: dict[str, str]) -> tuple[EditRequest, Probe]:
+    problem, signature = reader.string("problem"), reader.string("solution_signature")
+    body = solution_body(reader.string("ref_solution"), signature)
+    old = solution_body(reader.string("old_solution"), signature) if reader.has("old_solution") else None
+    imports_field = "prog_syn_imports" if reader.has("prog_syn_imports") else "imports"
+    program = ProgramTest(
+        imports=update["imports"],
+        implementation=update["implementation"],
+        function_path=update["function_path"],
+        solution_imports=reader.string(imports_field, allow_empty=True) if reader.has(imports_field) else "",
+        solution_signature=signature,
+        unit_tests=_unit_tests(reader, "unit_tests"),
+    )
+    prompt = f"{problem}\n{signature}"
+    return EditRequest(prompt, body, old), Probe("program", prompt, body, old, program)
+
+
+def _record(update: dict[str, str], examples: list[tuple[EditRequest, Probe]], train_examples: int) -> EditRecord:
+    trained, held_out = examples[:train_examples], examples[train_examples:]
+    return EditRecord(
+        record_id=f"code:{update['update_id']}",
+        subject=update["function_path"],
+        requests=tuple(request for request, _ in trained),
+        probes=(*(Probe("efficacy", r.prompt, r.target_new, r.target_old) for r, _ in trained),
+                *(probe for _, probe in held_out)),
+    )
+
+
+def parse_code_update_rows(rows: list[dict[str, Any]], source: str, train_examples: int = 2) -> list[EditRecord]:
+    """Grouped records or hub rows (all rows one layout); every update needs more than ``train_examples``
+    examples so that something is left to evaluate."""
+    grouped: dict[str, tuple[dict[str, str], list[tuple[EditRequest, Probe]], int]] = {}
+    for index, row in enumerate(rows):
+        reader = RecordReader(source, index, row)
+        update = _parse_update(reader)
+        if "prog_syn_examples" in row:
+            items = reader.objects("prog_syn_examples")
+            examples = [_parse_example(reader.child(item, f"prog_syn_examples[{i}]"), update) for i, item in enumerate(items)]
+        elif "problem" in row:
+            examples = [_parse_example(reader, update)]
+        else:
+            raise reader.error("prog_syn_examples", "a list of program-synthesis examples (grouped layout) "
+                               "or the example's fields at top level (hub rows)")
+        entry = grouped.setdefault(update["update_id"], (update, [], index))
+        entry[1].extend(examples)
+    records = []
+    for update, examples, first_index in grouped.values():
+        if len(examples) <= train_examples:
+            raise RecordError(source, first_index, "prog_syn_examples",
+                              f"more than train_examples={train_examples} examples for update {update['update_id']}",
+                              len(examples))
+        records.append(_record(update, examples, train_examples))
+    return records
+
+
+class CodeUpdateDataModule(EditDataModule):
+    """API-update edits (``source``: an ``arena.jsonl``-style file, ``leo-liuzy/CodeUpdateArena``, or
+    ``world:code_update``)."""
+
+    hub_split = "test"
+
+    def __init__(self, *args: Any, train_examples: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_examples = train_examples
+
+    def parse_rows(self, rows: list[dict[str, Any]], source: str) -> list[EditRecord]:
+        return parse_code_update_rows(rows, source, self.train_examples)

@@ -1,0 +1,184 @@
+"""Reading benchmark files and validating their records, with errors that say where and what.
+
+Every error names the source (file path or hub id), the record index (0-based; the line number for
+JSONL), the field (dotted path) and what was expected, so a user with a 20 000-record file can fix it.
+The normalised records all benchmarks turn into (:class:`EditRecord`) are defined here too, because they
+are the contract between the format readers and everything downstream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+class DataFormatError(ValueError):
+    """A benchmark file or record that cannot be read as the format it claims to be."""
+
+
+class RecordError(DataFormatError):
+    """One record's field is missing or malformed."""
+
+    def __init__(self, source: str, index: int, field_path: str, expected: str, got: Any = None) -> None:
+        shown = "missing" if got is _MISSING else f"got {_preview(got)}"
+        super().__init__(f"{source}: record {index}: field '{field_path}': expected {expected}, {shown}")
+        self.source, self.index, self.field_path = source, index, field_path
+
+
+_MISSING = object()
+
+
+def _preview(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSON list (``.json``) or JSON lines (``.jsonl``) file of objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path}: not valid UTF-8 (byte {err.start}: {raw[err.start:err.start + 1]!r})") from None
+    if path.suffix == ".jsonl":
+        records = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                records.append(_parse_json(line, f"{path}: line {line_number}"))
+    else:
+        records = _parse_json(text, str(path))
+        if not isinstance(records, list):
+            raise DataFormatError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise RecordError(str(path), index, "<record>", "a JSON object", record)
+    return records
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        ends_early = err.pos >= len(text.rstrip()) or not text.rstrip().endswith(("]", "}"))
+        hint = " (the file looks truncated)" if ends_early else ""
+        raise DataFormatError(f"{where}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}{hint}") from None
+
+
+class RecordReader:
+    """Typed access to one record's fields; every failure becomes a :class:`RecordError`."""
+
+    def __init__(self, source: str, index: int, record: dict[str, Any], prefix: str = "") -> None:
+        self.source, self.index, self.record, self.prefix = source, index, record, prefix
+
+    def error(self, field_path: str, expected: str, got: Any = _MISSING) -> RecordError:
+        return RecordError(self.source, self.index, self.prefix + field_path, expected, got)
+
+    def has(self, field_path: str) -> bool:
+        return self._lookup(field_path) is not _MISSING
+
+    def _lookup(self, field_path: str) -> Any:
+        value: Any = self.record
+        for key in field_path.split("."):
+            if not isinstance(value, dict) or key not in value:
+                return _MISSING
+            value = value[key]
+        return value
+
+    def get(self, field_path: str, check: Callable[[Any], bool], expected: str) -> Any:
+        value = self._lookup(field_path)
+        if value is _MISSING or not check(value):
+            raise self.error(field_path, expected, value)
+        return value
+
+    def string(self, field_path: str, allow_empty: bool = False) -> str:
+        expected = "a string" if allow_empty else "a non-empty string"
+        return self.get(field_path, lambda v: isinstance(v, str) and (allow_empty or v.strip() != ""), expected)
+
+    def template(self, field_path: str) -> str:
+        """A prompt with exactly one ``{}`` where the subject goes."""
+        text = self.string(field_path)
+        if text.count("{}") != 1:
+            raise self.error(field_path, "a prompt with exactly one '{}' for the subject", text)
+        return text
+
+    def strings(self, field_path: str, allow_empty_list: bool = False) -> list[str]:
+        expected = "a list of non-empty strings" + ("" if allow_empty_list else " (at least one)")
+        value = self.get(field_path, lambda v: isinstance(v, list), expected)
+        if not value and not allow_empty_list:
+            raise self.error(field_path, expected, value)
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.strip():
+                raise self.error(f"{field_path}[{i}]", "a non-empty string", item)
+        return value
+
+    def objects(self, field_path: str, allow_empty_list: bool = False) -> list[dict[str, Any]]:
+        expected = "a list of objects" + ("" if allow_empty_list else " (at least one)")
+        value = self.get(field_path, lambda v: isinstance(v, list), expected)
+        if not value and not allow_empty_list:
+            raise self.error(field_path, expected, value)
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise self.error(f"{field_path}[{i}]", "an object", item)
+        return value
+
+    def child(self, value: dict[str, Any], field_path: str) -> "RecordReader":
+        """A reader for a nested object (e.g. one list item) whose errors still name the full path."""
+        return RecordReader(self.source, self.index, value, f"{self.prefix}{field_path}.")
+
+
+# ---- the normalised records every benchmark turns into -------------------------------------------------
+
+PROBE_KINDS = ("efficacy", "paraphrase", "neighborhood", "locality", "program")
+
+
+@dataclass(frozen=True)
+class ProgramTest:
+    """What it takes to run a generated solution against its unit tests with an API update patched in."""
+
+    imports: str
+    implementation: str
+    function_path: str
+    solution_imports: str
+    solution_signature: str
+    unit_tests: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One evaluation question: after the edit, ``target`` should be the answer (and be preferred over
+    ``contrast`` when there is one). Efficacy and paraphrase probes target the new answer, neighbourhood
+    probes keep the old one, locality probes keep whatever the model answered before."""
+
+    kind: str
+    prompt: str
+    target: str
+    contrast: str | None = None
+    program: ProgramTest | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in PROBE_KINDS:
+            raise ValueError(f"unknown probe kind {self.kind!r}; known: {PROBE_KINDS}")
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One training triple: the prompt, the answer to teach, and the answer it replaces (if known)."""
+
+    prompt: str
+    target_new: str
+    target_old: str | None
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One edit of a benchmark, normalised: what to train on and how to score it."""
+
+    record_id: str
+    subject: str
+    requests: tuple[EditRequest, ...]
+    probes: tuple[Probe, ...] = field(default=())

@@ -1,0 +1,194 @@
+"""Scoring probe batches after each round: probability comparisons, token accuracies, greedy-generation
+matches and Pass@k, per edit round and over all edits so far.
+
+The protocol behind every number is stated in :data:`PROTOCOLS` and travels with the numbers into
+``metrics.json``, because editing tools disagree on it (teacher-forced token accuracy vs probability
+comparison; mean-token vs summed log-probs; generation greedy vs sampled).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from peft import PeftModel
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from data.code_update import join_solution
+from data.formats import PROBE_KINDS, Probe
+from data.tokenization import IGNORE_INDEX
+from lit_corsa.losses import sequence_logprobs, token_counts
+from lit_corsa.metrics import GenerationMatch, PassAtK, ProbabilityComparison, TokenAccuracy
+from lit_corsa.sandbox import build_program, run_python
+
+PROTOCOLS = {
+    "ES": "efficacy: fraction of edit prompts with mean-token log p(new) > log p(old) (ROME), teacher-forced",
+    "PS": "paraphrase score: the same comparison on paraphrase prompts",
+    "NS": "neighbourhood score: fraction of neighbour prompts with log p(true) > log p(new)",
+    "reliability_token_acc": "EasyEdit reliability: teacher-forced token accuracy of the new answer on edit prompts",
+    "generality_token_acc": "EasyEdit generality: teacher-forced token accuracy of the new answer on paraphrases",
+    "locality_token_acc": "EasyEdit locality: fraction of neighbour/locality answer tokens whose argmax is "
+                          "unchanged from the unedited model (adapter disabled)",
+    "reliability_gen": "greedy generation from the edit prompt contains the new answer (case-insensitive)",
+    "generality_gen": "greedy generation from a paraphrase contains the new answer (case-insensitive)",
+    "pass@k": "unbiased pass@k of sampled solutions to held-out problems, run in a sandbox against unit tests "
+              "with the API update patched in",
+}
+
+# which metrics each probe kind feeds; comparisons only where the probe has a contrast answer
+_BY_KIND = {
+    "efficacy": ("ES", "reliability_token_acc", "reliability_gen"),
+    "paraphrase": ("PS", "generality_token_acc", "generality_gen"),
+    "neighborhood": ("NS", "locality_token_acc"),
+    "locality": ("locality_token_acc",),
+    "program": ("pass@k",),
+}
+_COMPARISONS = {"ES", "PS", "NS"}
+
+
+def metric_names(probes: Iterable[Probe], generation: bool) -> set[str]:
+    """The metrics a set of probes can be scored on (the same on every rank, since data is global)."""
+    names = set()
+    for probe in probes:
+        for name in _BY_KIND[probe.kind]:
+            if name in _COMPARISONS and probe.contrast is None:
+                continue
+            if name.endswith("_gen") and not generation:
+                continue
+            names.add(name)
+    return names
+
+
+class ProbeEvaluator(nn.Module):
+    """Holds one set of torchmetrics per scope ("all" and each edit round) and fills them from batches."""
+
+    def __init__(self, num_rounds: int, pass_k: tuple[int, ...] = (1,), code_samples: int = 5,
+                 code_temperature: float = 0.8, max_new_tokens: int = 16, code_max_new_tokens: int = 128,
+                 sandbox_timeout_s: float = 10.0, generation: bool = True) -> None:
+        super().__init__()
+        if code_samples < max(pass_k):
+            raise ValueError(f"pass@{max(pass_k)} needs at least that many samples, code_samples={code_samples}")
+        self.pass_k, self.code_samples, self.code_temperature = pass_k, code_samples, code_temperature
+        self.max_new_tokens, self.code_max_new_tokens = max_new_tokens, code_max_new_tokens
+        self.sandbox_timeout_s, self.generation = sandbox_timeout_s, generation
+        self.scopes = ["all"] + [f"round_{r}" for r in range(num_rounds)]
+        self.metrics = nn.ModuleDict({scope: self._metric_set() for scope in self.scopes})
+
+    def _metric_set(self) -> nn.ModuleDict:
+        return nn.ModuleDict({
+            "ES": ProbabilityComparison(), "PS": ProbabilityComparison(), "NS": ProbabilityComparison(),
+            "reliability_token_acc": TokenAccuracy(), "generality_token_acc": TokenAccuracy(),
+            "locality_token_acc": TokenAccuracy(), "reliability_gen": GenerationMatch(),
+            "generality_gen": GenerationMatch(), "pass@k": PassAtK(self.pass_k),
+        })
+
+    def reset(self) -> None:
+        for metric_set in self.metrics.values():
+            for metric in metric_set.values():
+                metric.reset()
+
+    def _update(self, name: str, rows: Tensor, edit_round: Tensor, *args: Any) -> None:
+        """Update metric ``name`` in scope "all" and in each edit round's scope, with the rows selected."""
+        def select(arg: Any, keep: Tensor) -> Any:
+            if torch.is_tensor(arg):
+                return arg[keep]
+            return [a for a, k in zip(arg, keep.tolist()) if k]
+
+        if not bool(rows.any()):
+            return
+        self.metrics["all"][name].update(*(select(a, rows) for a in args))
+        for r in edit_round[rows].unique().tolist():
+            keep = rows & (edit_round == r)
+            self.metrics[f"round_{r}"][name].update(*(select(a, keep) for a in args))
+
+    @torch.no_grad()
+    def update(self, model: PeftModel, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> None:
+        kinds = batch["kind"]
+        edit_round = batch["edit_round"]
+        is_kind = {k: kinds == PROBE_KINDS.index(k) for k in PROBE_KINDS}
+        target, contrast = batch["target"], batch["contrast"]
+        rows = target["input_ids"].shape[0]
+        ids = torch.cat([target["input_ids"], contrast["input_ids"]])
+        mask = torch.cat([target["attention_mask"], contrast["attention_mask"]])
+        labels = torch.cat([target["labels"], contrast["labels"]])
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logps, counts = sequence_logprobs(logits, labels), token_counts(labels)
+        has_contrast = batch["has_contrast"]
+        for kind, name in (("efficacy", "ES"), ("paraphrase", "PS"), ("neighborhood", "NS")):
+            self._update(name, is_kind[kind] & has_contrast, edit_round,
+                         logps[:rows], logps[rows:], counts[:rows], counts[rows:])
+        target_logits = logits[:rows]
+        self._update("reliability_token_acc", is_kind["efficacy"], edit_round, target_logits, target["labels"])
+        self._update("generality_token_acc", is_kind["paraphrase"], edit_round, target_logits, target["labels"])
+        keep_rows = is_kind["neighborhood"] | is_kind["locality"]
+        if bool(keep_rows.any()):
+            with model.disable_adapter():
+                before = model(input_ids=target["input_ids"], attention_mask=target["attention_mask"]).logits
+            # labels = the unedited model's own predictions at the answer positions
+            unchanged = target["labels"].clone()
+            answer = target["labels"][:, 1:] != IGNORE_INDEX
+            unchanged[:, 1:][answer] = before[:, :-1].argmax(-1)[answer]
+            self._update("locality_token_acc", keep_rows, edit_round, target_logits, unchanged)
+        if self.generation:
+            self._score_generations(model, batch, tokenizer, is_kind, edit_round)
+        if bool(is_kind["program"].any()):
+            self._score_programs(model, batch, tokenizer, is_kind["program"], edit_round)
+
+    def _generate(self, model: PeftModel, prompt: dict[str, Tensor], tokenizer: PreTrainedTokenizerBase,
+                  max_new_tokens: int, samples: int = 1, temperature: float | None = None) -> list[str]:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature else {"do_sample": False}
+        out = model.generate(
+            input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], max_new_tokens=max_new_tokens,
+            num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id, **sampling,
+        )
+        return tokenizer.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def _score_generations(self, model: PeftModel, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
+                           is_kind: dict[str, Tensor], edit_round: Tensor) -> None:
+        wanted = is_kind["efficacy"] | is_kind["paraphrase"]
+        if not bool(wanted.any()):
+            return
+        index = wanted.nonzero().squeeze(1)
+        prompt = {k: v[index] for k, v in batch["prompt"].items()}
+        texts = self._generate(model, prompt, tokenizer, self.max_new_tokens)
+        generations = [""] * len(batch["probes"])
+        for row, text in zip(index.tolist(), texts):
+            generations[row] = text
+        answers = [p.target for p in batch["probes"]]
+        self._update("reliability_gen", is_kind["efficacy"], edit_round, generations, answers)
+        self._update("generality_gen", is_kind["paraphrase"], edit_round, generations, answers)
+
+    def _score_programs(self, model: PeftModel, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
+                        is_program: Tensor, edit_round: Tensor) -> None:
+        index = is_program.nonzero().squeeze(1)
+        prompt = {k: v[index] for k, v in batch["prompt"].items()}
+        bodies = self._generate(model, prompt, tokenizer, self.code_max_new_tokens, self.code_samples,
+                                self.code_temperature)
+        correct = torch.zeros(len(batch["probes"]), dtype=torch.long)
+        for position, row in enumerate(index.tolist()):
+            test = batch["probes"][row].program
+            for body in bodies[position * self.code_samples : (position + 1) * self.code_samples]:
+                solution = f"{test.solution_imports}\n{join_solution(test.solution_signature, body)}\n"
+                program = build_program(test.imports, test.implementation, test.function_path, solution, test.unit_tests)
+                correct[row] += run_python(program, timeout_s=self.sandbox_timeout_s).passed
+        samples = torch.full_like(correct, self.code_samples)
+        self._update("pass@k", is_program.cpu(), edit_round.cpu(), samples, correct)
+
+    def compute(self, names_by_round: dict[int, set[str]]) -> dict[str, Any]:
+        """``{"all": {metric: value}, "by_edit_round": {r: {metric: value}}}``: each scope computes only
+        the metrics its probes can have (``metric_names``), so nothing is computed from zero updates."""
+        def compute_set(metric_set: nn.ModuleDict, names: set[str]) -> dict[str, float]:
+            values: dict[str, float] = {}
+            for name in sorted(names):
+                result = metric_set[name].compute()
+                if isinstance(result, dict):
+                    values.update({k: float(v) for k, v in result.items()})
+                else:
+                    values[name] = float(result)
+            return values
+
+        return {
+            "all": compute_set(self.metrics["all"], set().union(*names_by_round.values())),
+            "by_edit_round": {r: compute_set(self.metrics[f"round_{r}"], names) for r, names in names_by_round.items()},
+        }

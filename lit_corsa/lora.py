@@ -1,0 +1,80 @@
+"""Load any Hugging Face causal LM and wrap it in a peft LoRA adapter aimed at its decoder Linears.
+
+LoRA targets are found by structure (every Linear, or GPT-2 ``Conv1D``, inside the decoder blocks), so
+the same config edits Llama (q/k/v/o/gate/up/down_proj), Qwen2, Mistral, GPT-NeoX (query_key_value,
+dense, dense_h_to_4h, dense_4h_to_h) and GPT-2 (c_attn, c_proj, c_fc) without listing names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from data.sources import resolve
+from lit_tacq.layers import find_decoder_blocks
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters; ``target_modules=None`` means every decoder Linear (found by type)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    extra_config: dict = field(default_factory=dict)
+
+
+def decoder_linear_names(model: nn.Module) -> list[str]:
+    """Leaf names of the Linear/Conv1D layers in the decoder blocks (e.g. ``["down_proj", "q_proj", ...]``)."""
+    names = {
+        name.rsplit(".", 1)[-1]
+        for block in find_decoder_blocks(model)
+        for name, module in block.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D))
+    }
+    if not names:
+        raise ValueError(f"no Linear layers found in the decoder blocks of {type(model).__name__}")
+    return sorted(names)
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", load_in_4bit: bool = False) -> PreTrainedModel:
+    """``from_pretrained`` with a dtype by name; ``load_in_4bit`` gives a bitsandbytes NF4 base (QLoRA)."""
+    if dtype not in DTYPES and dtype != "auto":
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES) + ['auto']}")
+    kwargs: dict = {"dtype": DTYPES.get(dtype, "auto")}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        compute = DTYPES.get(dtype, torch.bfloat16)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+        )
+    return AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
+
+
+def wrap_with_lora(model: PreTrainedModel, settings: LoraSettings, gradient_checkpointing: bool = False) -> PeftModel:
+    """Freeze the base model and add a trainable LoRA adapter (named ``default``)."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules or decoder_linear_names(model),
+        task_type="CAUSAL_LM",
+        **settings.extra_config,
+    )
+    return get_peft_model(model, config)

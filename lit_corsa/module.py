@@ -1,0 +1,242 @@
+"""EditModule: sequential knowledge editing of any HF causal LM through one LoRA adapter.
+
+Manual optimisation, because a CoRSA step needs the SFT and DPO gradients apart (PCGrad) and two
+passes per update (SAM); the maths lives in :mod:`lit_corsa.step`, this module orchestrates:
+
+- the base model is loaded in ``configure_model`` and wrapped in a peft LoRA adapter; only the adapter
+  is trainable and only the adapter goes into checkpoints (the frozen base is reloaded from its path);
+- the base model's log-probs of every edit's new and old answer are computed once, when its round
+  starts, with the adapter disabled (never a second forward per step);
+- gradient accumulation is ours (Lightning's ``accumulate_grad_batches`` does not apply to manual
+  optimisation); under DDP each rank computes its merged gradient without synchronisation and the
+  accumulated update is all-reduced once before the optimiser step;
+- the learning-rate schedule (linear warm-up, linear decay) restarts with every round, because every
+  round is an editing job of its own; ``fresh_optimizer_per_round`` also clears AdamW's moments.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from data.base import EditDataModule, load_tokenizer
+from data.tokenization import RequestCollator
+from lit_corsa.evaluation import ProbeEvaluator, metric_names
+from lit_corsa.losses import sequence_logprobs
+from lit_corsa.lora import LoraSettings, load_causal_lm, wrap_with_lora
+from lit_corsa.objectives import resolve_objective
+from lit_corsa.step import EditStep
+
+
+class EditModule(L.LightningModule):
+    """Edits facts into ``model_name_or_path`` with ``method`` (lora, sam, dpo, corsa, easyedit_dpo).
+
+    Args:
+        model_name_or_path: local path, hub id or ``world:model``.
+        method: the objective (see :mod:`lit_corsa.objectives`); ``projection`` ("sequential",
+            "symmetric", "none"), ``sft_weight`` and ``dpo_weight`` override its defaults.
+        beta: DPO temperature. rho: SAM radius.
+        lora: LoRA settings (targets every decoder Linear by default).
+        accumulate: micro-batches per optimiser step.
+        dtype: weights' dtype ("float32", "bfloat16", "auto"); ``load_in_4bit`` for a QLoRA-style NF4 base.
+        pass_k / code_samples / code_temperature: Pass@k settings for code-update probes.
+        generation: also score greedy-generation reliability/generality (slower).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "world:model",
+        method: Literal["lora", "sam", "dpo", "corsa", "easyedit_dpo"] = "corsa",
+        projection: Literal["sequential", "symmetric", "none"] | None = None,
+        sft_weight: float | None = None,
+        dpo_weight: float | None = None,
+        beta: float = 0.1,
+        rho: float = 0.05,
+        lora: LoraSettings = LoraSettings(),
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 5,
+        max_grad_norm: float = 1.0,
+        accumulate: int = 1,
+        fresh_optimizer_per_round: bool = False,
+        dtype: str = "float32",
+        load_in_4bit: bool = False,
+        gradient_checkpointing: bool = False,
+        generation: bool = True,
+        max_new_tokens: int = 16,
+        pass_k: tuple[int, ...] = (1, 5),
+        code_samples: int = 5,
+        code_temperature: float = 0.8,
+        code_max_new_tokens: int = 128,
+        sandbox_timeout_s: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the adapter only; the frozen base comes from its path
+        self.objective = resolve_objective(method, projection, sft_weight, dpo_weight)
+        self.step_fn = EditStep(self.objective, beta, rho)
+        self.model = None
+        self.evaluator: ProbeEvaluator | None = None
+        self._accumulated: list[Tensor | None] | None = None
+        self._reference: Tensor | None = None  # [num_requests, 2] base log-probs (chosen, rejected); NaN = not yet
+
+    # ---- model -----------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        base = load_causal_lm(hp.model_name_or_path, hp.dtype, hp.load_in_4bit)
+        self.model = wrap_with_lora(base, hp.lora, hp.gradient_checkpointing)
+        self.tokenizer = load_tokenizer(hp.model_name_or_path)
+
+    @property
+    def trainable(self) -> list[Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Only the adapter (and metric states are not worth keeping): the base weights never change."""
+        full = super().state_dict(*args, **kwargs)
+        keep = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in full.items() if k in keep}
+
+    @property
+    def datamodule(self) -> EditDataModule:
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, EditDataModule):
+            raise TypeError(f"EditModule needs an EditDataModule, got {type(datamodule).__name__}")
+        return datamodule
+
+    def setup(self, stage: str) -> None:
+        dm = self.datamodule
+        dm.setup(stage)
+        hp = self.hparams
+        self.evaluator = ProbeEvaluator(
+            dm.num_updates, tuple(hp.pass_k), hp.code_samples, hp.code_temperature, hp.max_new_tokens,
+            hp.code_max_new_tokens, hp.sandbox_timeout_s, hp.generation,
+        )
+        total = sum(len(r.requests) for round_ in dm.rounds for r in round_)
+        self._reference = torch.full((total, 2), float("nan"))
+        if self.objective.use_dpo and not any(r.old_ids for r in dm.all_requests(dm.num_updates - 1)):
+            rank_zero_warn("no edit has an old answer: the DPO margin term will contribute nothing")
+
+    def on_fit_start(self) -> None:
+        if str(self.trainer.precision).startswith("16"):
+            raise ValueError("fp16 loss scaling is not supported by the SAM step; use precision bf16-mixed or 32")
+        if self.trainer.accumulate_grad_batches != 1:
+            raise ValueError("set model.accumulate instead of trainer.accumulate_grad_batches (manual optimisation)")
+        ddp = self.trainer.model if hasattr(self.trainer.model, "require_backward_grad_sync") else None
+        if ddp is not None:  # we all-reduce the merged update ourselves, once per optimiser step
+            ddp.require_backward_grad_sync = False
+
+    # ---- optimiser ---------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        steps_per_round = max(1, math.ceil(self.trainer.estimated_stepping_batches / self.datamodule.num_updates / hp.accumulate))
+        warmup = min(hp.warmup_steps, steps_per_round)
+
+        def factor(step: int) -> float:  # warm-up then linear decay, restarted every round
+            in_round = step % steps_per_round
+            if in_round < warmup:
+                return (in_round + 1) / warmup
+            return max(0.0, (steps_per_round - in_round) / max(1, steps_per_round - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        dm = self.datamodule
+        round_starts = self.current_epoch % dm.epochs_per_update == 0
+        if round_starts and self.current_epoch > 0 and self.hparams.fresh_optimizer_per_round:
+            self.optimizers().optimizer.state.clear()
+        if self.objective.use_dpo:
+            self._cache_reference(dm)
+        self._accumulated = None
+
+    @torch.no_grad()
+    def _cache_reference(self, dm: EditDataModule) -> None:
+        """Base-model log-probs of this round's new and old answers, computed once per edit."""
+        requests = [r for r in dm.requests_of_round(dm.current_round) if torch.isnan(self._reference[r.request_id, 0])]
+        if not requests:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        loader = DataLoader(requests, batch_size=dm.eval_batch_size, collate_fn=RequestCollator(dm.pad_id))
+        with self.model.disable_adapter():
+            for batch in loader:
+                batch = self.trainer.strategy.batch_to_device(batch)
+                for column, key in ((0, "chosen"), (1, "rejected")):
+                    seq = batch[key]
+                    logits = self.model(input_ids=seq["input_ids"], attention_mask=seq["attention_mask"]).logits
+                    self._reference[batch["request_id"].cpu(), column] = sequence_logprobs(logits, seq["labels"]).float().cpu()
+        self.model.train(was_training)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        hp = self.hparams
+        reference = self._reference[batch["request_id"].cpu()].to(self.device) if self.objective.use_dpo else None
+        grads, logs = self.step_fn(self.model, self.trainable, batch, reference, scale=1.0 / hp.accumulate)
+        self._accumulate(grads)
+        if (batch_idx + 1) % hp.accumulate == 0 or self.trainer.is_last_batch:
+            self._optimizer_step()
+        batch_size = batch["chosen"]["input_ids"].shape[0]
+        self.log_dict({f"train/{k}": v.float() for k, v in logs.items()}, prog_bar=False, batch_size=batch_size)
+        self.log("train/round", float(self.datamodule.current_round), batch_size=batch_size)
+
+    def _accumulate(self, grads: list[Tensor | None]) -> None:
+        if self._accumulated is None:
+            self._accumulated = [g.detach().clone() if g is not None else None for g in grads]
+            return
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            self._accumulated[i] = g.detach().clone() if self._accumulated[i] is None else self._accumulated[i] + g
+
+    def _optimizer_step(self) -> None:
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(self._accumulated, self.trainable)]
+        if self.trainer.world_size > 1:  # one all-reduce of the whole merged update
+            flat = self.trainer.strategy.reduce(torch.cat([g.reshape(-1).float() for g in grads]), reduce_op="mean")
+            grads = [chunk.view_as(g).to(g.dtype) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        for p, g in zip(self.trainable, grads):
+            p.grad = g
+        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        self._accumulated = None
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.evaluator.update(self.model, batch, self.tokenizer)
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_scores = self._compute_scores()
+        for name, value in self.last_scores["all"].items():
+            self.log(f"val/{name}", value, sync_dist=False)
+
+    test_step = validation_step
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_test_epoch_end(self) -> None:
+        self.last_scores = self._compute_scores()
+        for name, value in self.last_scores["all"].items():
+            self.log(f"test/{name}", value)
+
+    def _compute_scores(self) -> dict[str, Any]:
+        dm = self.datamodule
+        names_by_round = {
+            r: metric_names((p.probe for p in dm.eval_probes(r) if p.edit_round == r), self.hparams.generation)
+            for r in range(dm.current_round + 1)
+        }
+        return {"eval_round": dm.current_round, **self.evaluator.compute(names_by_round)}

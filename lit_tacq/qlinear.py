@@ -1,0 +1,135 @@
+"""QuantLinear: a Linear layer that holds only the packed TaCQ format and computes from it.
+
+Buffers (all saved in the state dict):
+    qweight          int32  [out, words]   b-bit codes, bit-stream packed per row (packing.py)
+    scale, zero      fp16   [out, groups]  grid of each row (groups = 1) or of each column group
+    outlier_values   fp16/bf16 [nnz]       kept weights, CSR by output row
+    outlier_col_idx  int16/int32 [nnz]
+    outlier_row_ptr  int32  [out + 1]
+    bias             optional, [out]
+
+Format invariant: at a kept position the code is the zero point, which decodes to exactly 0, so
+weight = grid values + scattered kept values, and the kernel can add the sparse part separately.
+"""
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_tacq.packing import SparseOutliers, index_dtype, pack_codes, packed_words, to_sparse_outliers, unpack_codes
+from lit_tacq.quantizer import QuantResult, dequantize, expand_groups, n_groups
+
+
+FORMAT_BUFFERS = ("qweight", "scale", "zero", "outlier_values", "outlier_col_idx", "outlier_row_ptr")
+
+
+@functools.cache
+def _triton_matmul() -> Callable | None:
+    """The Triton kernel, or None where triton is missing (then the PyTorch path is used)."""
+    try:
+        from lit_tacq.kernels import quant_matmul
+    except ImportError:
+        return None
+    return quant_matmul
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ W^T + b`` with W decoded from packed codes, scale/zero and sparse kept weights.
+
+    The constructor builds an empty shell of the right shapes (what a loader fills from a state
+    dict); :meth:`from_result` builds a filled one from a :class:`QuantResult`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int | None = None,
+        nnz: int = 0,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """``dtype`` is the dtype of the kept weights and of the bias (float16 or bfloat16)."""
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        groups = n_groups(in_features, group_size)
+        empty = functools.partial(torch.zeros, device=device)
+        self.register_buffer("qweight", empty(out_features, packed_words(in_features, bits), dtype=torch.int32))
+        self.register_buffer("scale", empty(out_features, groups, dtype=torch.float16))
+        self.register_buffer("zero", empty(out_features, groups, dtype=torch.float16))
+        self.register_buffer("outlier_values", empty(nnz, dtype=dtype))
+        self.register_buffer("outlier_col_idx", empty(nnz, dtype=index_dtype(in_features)))
+        self.register_buffer("outlier_row_ptr", empty(out_features + 1, dtype=torch.int32))
+        self.register_buffer("bias", empty(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    def from_result(cls, result: QuantResult, bias: Tensor | None, dtype: torch.dtype = torch.float16) -> "QuantLinear":
+        """Pack a quantized weight; ``dtype`` (float16/bfloat16) stores the kept weights and bias."""
+        out_features, in_features = result.codes.shape
+        codes = result.codes
+        keep = result.keep_mask
+        if keep is None:
+            keep = torch.zeros_like(codes, dtype=torch.bool)
+        zero_codes = expand_groups(result.zero, result.group_size, in_features).to(codes.dtype)
+        codes = torch.where(keep, zero_codes, codes)  # the format invariant (module docstring)
+        outliers = to_sparse_outliers(result.dequantized, keep, dtype)
+
+        module = cls(in_features, out_features, result.bits, result.group_size, outliers.nnz, bias is not None, dtype,
+                     device=codes.device)
+        module.qweight = pack_codes(codes, result.bits)
+        module.scale = result.scale.to(torch.float16)
+        module.zero = result.zero.to(torch.float16)
+        module.outlier_values = outliers.values
+        module.outlier_col_idx = outliers.col_idx
+        module.outlier_row_ptr = outliers.row_ptr
+        if bias is not None:
+            module.bias = bias.detach().to(codes.device, dtype).clone()
+        return module
+
+    @property
+    def outliers(self) -> SparseOutliers:
+        return SparseOutliers(self.outlier_values, self.outlier_col_idx, self.outlier_row_ptr)
+
+    def dequantize(self) -> Tensor:
+        """The dense float32 weight [out, in]: grid values, plus the kept weights at their positions."""
+        codes = unpack_codes(self.qweight, self.bits, self.in_features)
+        scale = expand_groups(self.scale.float(), self.group_size, self.in_features)
+        zero = expand_groups(self.zero.float(), self.group_size, self.in_features)
+        return dequantize(codes, scale, zero) + self.outliers.to_dense(self.out_features, self.in_features).float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel = _triton_matmul() if x.is_cuda else None
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if kernel is None:
+            return F.linear(x, self.dequantize().to(x.dtype), bias)
+        flat = x.reshape(-1, self.in_features)
+        y = kernel(flat, self.qweight, self.scale, self.zero, self.bits, self.group_size, self.outliers)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if bias is None else y + bias
+
+    def stored_bytes(self, include_bias: bool = False) -> int:
+        """Bytes of the buffers; the bias is left out by default since a 16-bit layer has it too."""
+        names = FORMAT_BUFFERS + (("bias",) if include_bias and self.bias is not None else ())
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in names)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "QuantLinear":
+        """Follow device moves but never dtype casts: ``model.half()`` must not rewrite the format."""
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, nnz={self.outlier_values.numel()}"
+        )

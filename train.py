@@ -1,0 +1,33 @@
+"""Knowledge editing from the command line: ``python train.py fit --config configs/demo_counterfact.yaml``.
+
+A LightningCLI over :class:`lit_corsa.module.EditModule` and any :class:`data.base.EditDataModule`
+(CounterFact, ZsRE, code updates). The rounds of the sequential protocol are configured once, on the
+data (``num_updates``, ``epochs_per_update``); the trainer's epochs, validation cadence and dataloader
+reloading are derived from them, and the tokenizer follows the model.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from data.base import EditDataModule
+from lit_corsa.module import EditModule
+
+
+class EditCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model_name_or_path", "data.init_args.tokenizer")
+        parser.link_arguments(
+            ("data.init_args.num_updates", "data.init_args.epochs_per_update"), "trainer.max_epochs",
+            compute_fn=lambda rounds, epochs: rounds * epochs,
+        )
+        parser.link_arguments("data.init_args.epochs_per_update", "trainer.check_val_every_n_epoch")
+        parser.set_defaults({"trainer.reload_dataloaders_every_n_epochs": 1, "trainer.num_sanity_val_steps": 0})
+
+
+def main() -> None:
+    EditCLI(EditModule, EditDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    main()
