@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_corsa.evaluation import PROTOCOLS
@@ -95,7 +96,7 @@ class EditReport(L.Callback):
         return path
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.training:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
         scores = pl_module.last_scores
         self.history[scores["eval_round"]] = {"all": scores["all"], "by_edit_round": scores["by_edit_round"]}

@@ -16,6 +16,7 @@ import random
 from typing import Any
 
 import lightning.pytorch as L
+import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -159,9 +160,16 @@ class EditDataModule(L.LightningDataModule):
             self.current_round = self.round_of_epoch(trainer.current_epoch)
 
     def train_dataloader(self) -> DataLoader:
+        """This round's requests in an order that is a function of (seed, epoch) only, fixed before the
+        loader exists: a resumed run sees exactly the batches of an uninterrupted one (under DDP,
+        Lightning's distributed sampler then deals this order out to the ranks)."""
         self._sync_round_with_trainer()
+        trainer = getattr(self, "trainer", None)
+        epoch = trainer.current_epoch if trainer is not None else 0
+        requests = self._encoded_requests[self.current_round]
+        order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(10_007 * (self.shuffle_seed or 0) + epoch))
         return DataLoader(
-            self._encoded_requests[self.current_round], batch_size=self.batch_size, shuffle=True,
+            [requests[i] for i in order.tolist()], batch_size=self.batch_size, shuffle=False,
             collate_fn=RequestCollator(self.pad_id), num_workers=self.num_workers,
         )
 

@@ -125,6 +125,23 @@ def _pair(prompts: list[list[int]], first: list[list[int]], second: list[list[in
     }
 
 
+class ProbeList:
+    """The probes of a batch, in a plain container: Lightning moves tensors in batches to the device by
+    rebuilding collections and dataclasses, which frozen probes refuse; this holder is left alone."""
+
+    def __init__(self, probes: list[Probe]) -> None:
+        self._probes = tuple(probes)
+
+    def __len__(self) -> int:
+        return len(self._probes)
+
+    def __iter__(self):
+        return iter(self._probes)
+
+    def __getitem__(self, index: int) -> Probe:
+        return self._probes[index]
+
+
 class RequestCollator:
     """Training batches: ``chosen`` (prompt + new answer) and ``rejected`` (prompt + old answer)."""
 
@@ -160,5 +177,5 @@ class ProbeCollator:
             "has_contrast": pair["has_second"],
             "prompt": _left_padded(prompts, self.pad_id),
             "answer_length": torch.tensor([len(i.target_ids) for i in items]),
-            "probes": [i.probe for i in items],
+            "probes": ProbeList([i.probe for i in items]),
         }

@@ -36,13 +36,13 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>"
 class PretrainConfig:
     """Size of the tiny Llama and how long to train it."""
 
-    hidden_size: int = 256
-    intermediate_size: int = 768
+    hidden_size: int = 192
+    intermediate_size: int = 512
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    epochs: int = 60
-    batch_size: int = 64
+    epochs: int = 30
+    batch_size: int = 128
     learning_rate: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
@@ -185,11 +185,12 @@ def build_assets(
     world_config: WorldConfig = WorldConfig(),
     pretrain_config: PretrainConfig = PretrainConfig(),
     progress: bool = True,
+    num_edits: int = 200,
 ) -> dict:
     """Regenerate the world files and the world model; the model directory is replaced only when complete."""
     start = time.perf_counter()
     world = build_world(world_config)
-    write_world_files(world, world_dir)
+    write_world_files(world, world_dir, num_edits)
     model, tokenizer = pretrain(world, pretrain_config, progress=progress)
     card = {
         "world_fingerprint": world.fingerprint(),
@@ -222,7 +223,10 @@ def main() -> None:
     parser.add_argument("--world-dir", type=Path, default=WORLD_DIR)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=PretrainConfig.epochs)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch CPU threads (1 avoids thrashing when other jobs share the cores)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     card = build_assets(
         args.model_dir, args.world_dir, WorldConfig(seed=args.seed), PretrainConfig(epochs=args.epochs, seed=args.seed)
     )

@@ -7,8 +7,6 @@ dense, dense_h_to_4h, dense_4h_to_h) and GPT-2 (c_attn, c_proj, c_fc) without li
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -19,17 +17,6 @@ from data.sources import resolve
 from lit_tacq.layers import find_decoder_blocks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class LoraSettings:
-    """LoRA hyper-parameters; ``target_modules=None`` means every decoder Linear (found by type)."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] | None = None
-    extra_config: dict = field(default_factory=dict)
 
 
 def decoder_linear_names(model: nn.Module) -> list[str]:
@@ -60,8 +47,10 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", load_in_4bit: bool
     return AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
 
 
-def wrap_with_lora(model: PreTrainedModel, settings: LoraSettings, gradient_checkpointing: bool = False) -> PeftModel:
-    """Freeze the base model and add a trainable LoRA adapter (named ``default``)."""
+def wrap_with_lora(model: PreTrainedModel, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+                   target_modules: list[str] | None = None, gradient_checkpointing: bool = False) -> PeftModel:
+    """Freeze the base model and add a trainable LoRA adapter (named ``default``); ``target_modules=None``
+    means every decoder Linear, found by type."""
     if getattr(model, "is_loaded_in_4bit", False):
         from peft import prepare_model_for_kbit_training
 
@@ -70,11 +59,7 @@ def wrap_with_lora(model: PreTrainedModel, settings: LoraSettings, gradient_chec
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=settings.target_modules or decoder_linear_names(model),
-        task_type="CAUSAL_LM",
-        **settings.extra_config,
+        r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+        target_modules=target_modules or decoder_linear_names(model),
     )
     return get_peft_model(model, config)

@@ -29,7 +29,7 @@ from data.base import EditDataModule, load_tokenizer
 from data.tokenization import RequestCollator
 from lit_corsa.evaluation import ProbeEvaluator, metric_names
 from lit_corsa.losses import sequence_logprobs
-from lit_corsa.lora import LoraSettings, load_causal_lm, wrap_with_lora
+from lit_corsa.lora import load_causal_lm, wrap_with_lora
 from lit_corsa.objectives import resolve_objective
 from lit_corsa.step import EditStep
 
@@ -42,7 +42,7 @@ class EditModule(L.LightningModule):
         method: the objective (see :mod:`lit_corsa.objectives`); ``projection`` ("sequential",
             "symmetric", "none"), ``sft_weight`` and ``dpo_weight`` override its defaults.
         beta: DPO temperature. rho: SAM radius.
-        lora: LoRA settings (targets every decoder Linear by default).
+        lora_r / lora_alpha / lora_dropout / lora_target_modules: the adapter (every decoder Linear by default).
         accumulate: micro-batches per optimiser step.
         dtype: weights' dtype ("float32", "bfloat16", "auto"); ``load_in_4bit`` for a QLoRA-style NF4 base.
         pass_k / code_samples / code_temperature: Pass@k settings for code-update probes.
@@ -58,7 +58,10 @@ class EditModule(L.LightningModule):
         dpo_weight: float | None = None,
         beta: float = 0.1,
         rho: float = 0.05,
-        lora: LoraSettings = LoraSettings(),
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | None = None,
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 5,
@@ -93,7 +96,8 @@ class EditModule(L.LightningModule):
             return
         hp = self.hparams
         base = load_causal_lm(hp.model_name_or_path, hp.dtype, hp.load_in_4bit)
-        self.model = wrap_with_lora(base, hp.lora, hp.gradient_checkpointing)
+        self.model = wrap_with_lora(base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
+                                    hp.gradient_checkpointing)
         self.tokenizer = load_tokenizer(hp.model_name_or_path)
 
     @property
@@ -139,7 +143,7 @@ class EditModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        steps_per_round = max(1, math.ceil(self.trainer.estimated_stepping_batches / self.datamodule.num_updates / hp.accumulate))
+        steps_per_round = self._optimizer_steps_per_round()
         warmup = min(hp.warmup_steps, steps_per_round)
 
         def factor(step: int) -> float:  # warm-up then linear decay, restarted every round
@@ -150,6 +154,13 @@ class EditModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _optimizer_steps_per_round(self) -> int:
+        """From the data alone (not from ``max_epochs``), so a run stopped early schedules like a full one."""
+        dm = self.datamodule
+        per_rank = math.ceil(len(dm.requests_of_round(0)) / self.trainer.world_size)
+        batches_per_epoch = math.ceil(per_rank / dm.batch_size)
+        return max(1, math.ceil(batches_per_epoch / self.hparams.accumulate) * dm.epochs_per_update)
 
     # ---- training ----------------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:

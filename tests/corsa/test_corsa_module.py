@@ -1,0 +1,86 @@
+"""EditModule end to end on a tiny world: sequential rounds, outputs, resume mid-sequence."""
+
+import json
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from callbacks.edit_report import EditReport
+from data.counterfact import CounterFactDataModule
+from lit_corsa.module import EditModule
+
+EPOCHS = 4  # per round
+
+
+def _run(tiny_assets, tmp_path, *, method="corsa", rounds=3, stop_after=None, ckpt_path=None, fresh=False):
+    root, _ = tiny_assets
+    L.seed_everything(0, verbose=False)
+    dm = CounterFactDataModule(source=str(root / "world" / "counterfact.json"), tokenizer=str(root / "model"),
+                               num_updates=rounds, edits_per_update=4, epochs_per_update=EPOCHS, batch_size=2)
+    module = EditModule(model_name_or_path=str(root / "model"), method=method, learning_rate=1e-2, warmup_steps=1,
+                        lora_r=4, lora_alpha=8, generation=True, max_new_tokens=4,
+                        fresh_optimizer_per_round=fresh)
+    epochs = EPOCHS * (stop_after if stop_after is not None else rounds)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, check_val_every_n_epoch=EPOCHS,
+        reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[EditReport(output_dir=str(tmp_path / "run")),
+                   ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)],
+    )
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer, module, json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_sequential_rounds_write_metrics_plot_and_adapter(tiny_assets, tmp_path):
+    trainer, module, metrics = _run(tiny_assets, tmp_path)
+    assert [r["eval_round"] for r in metrics["rounds"]] == [0, 1, 2]
+    # after round k every edit of rounds 0..k is scored
+    assert [sorted(r["by_edit_round"]) for r in metrics["rounds"]] == [["0"], ["0", "1"], ["0", "1", "2"]]
+    summary = metrics["summary"]
+    for name in ("ES", "PS", "NS", "reliability_token_acc", "generality_token_acc", "locality_token_acc",
+                 "reliability_gen", "generality_gen"):
+        assert 0.0 <= summary["after_last_round"][name] <= 1.0
+        assert name in summary["forgetting"]
+        assert name in metrics["protocol"]["metrics"]
+    assert metrics["objective"]["use_sam"] and metrics["objective"]["use_dpo"]
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 10_000
+    # the edit did something: efficacy after its round beats the unedited model's preference for the truth
+    assert summary["immediate"]["ES"] > 0.5
+    adapter = tmp_path / "run" / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(tiny_assets[0] / "model")
+    reloaded = PeftModel.from_pretrained(base, adapter)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, module.model(input_ids=ids).logits)
+
+
+def test_checkpoint_holds_adapter_optimizer_and_round(tiny_assets, tmp_path):
+    _run(tiny_assets, tmp_path, rounds=2)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+    assert ckpt["optimizer_states"][0]["state"], "AdamW moments are in the checkpoint"
+    assert ckpt["CounterFactDataModule"]["current_round"] == 1
+    assert len(ckpt["callbacks"][next(k for k in ckpt["callbacks"] if "EditReport" in k)]["history"]) == 2
+
+
+def test_resume_mid_sequence_matches_uninterrupted(tiny_assets, tmp_path):
+    _, _, uninterrupted = _run(tiny_assets, tmp_path / "a")
+    _run(tiny_assets, tmp_path / "b", stop_after=1)
+    _, _, resumed = _run(tiny_assets, tmp_path / "b", ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert [r["eval_round"] for r in resumed["rounds"]] == [0, 1, 2]
+    for a, b in zip(uninterrupted["rounds"], resumed["rounds"]):
+        for scope in ("all",):
+            for name, value in a[scope].items():
+                assert b[scope][name] == pytest.approx(value, abs=1e-6), (a["eval_round"], name)
+
+
+@pytest.mark.parametrize("method", ["lora", "easyedit_dpo"])
+def test_baselines_run_through_the_same_harness(tiny_assets, tmp_path, method):
+    _, module, metrics = _run(tiny_assets, tmp_path, method=method, rounds=2, fresh=True)
+    assert metrics["method"] == method
+    assert metrics["objective"]["use_sam"] is False
+    assert "ES" in metrics["summary"]["after_last_round"]
