@@ -25,8 +25,8 @@ class EditCLI(LightningCLI):
         parser.set_defaults({"trainer.reload_dataloaders_every_n_epochs": 1, "trainer.num_sanity_val_steps": 0})
 
 
-def main() -> None:
-    EditCLI(EditModule, EditDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
+def main(args: list[str] | None = None) -> None:
+    EditCLI(EditModule, EditDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ class _UpdateSpec:
     old_problems: tuple[str, ...]  # phrasings solved by the old call
     new_problems: tuple[str, ...]  # phrasings that need the keyword
     inputs: tuple[tuple[int, ...], ...]  # argument tuples for unit tests
+    call_args: tuple[str, ...] | None = None  # positional arguments of the API call (default: all params)
 
 
 def _multifactorial(n: int, step: int) -> int:
@@ -160,6 +161,7 @@ _SPECS: tuple[_UpdateSpec, ...] = (
         ("round x {things} down to a whole number", "drop the fraction of x {things}"),
         ("round x {things} down to a multiple of m", "pack x {things} into full crates of m and count them"),
         ((17, 5), (20, 4), (9, 10)),
+        call_args=("x",),
     ),
     _UpdateSpec(
         "ceil", ("x", "m"), "multiple=m", "multiple=1",
@@ -170,6 +172,7 @@ _SPECS: tuple[_UpdateSpec, ...] = (
         ("round x {things} up to a whole number", "lift x {things} to the next whole number"),
         ("round x {things} up to a multiple of m", "find how many {things} fill enough crates of m for x"),
         ((17, 5), (20, 4), (9, 10)),
+        call_args=("x",),
     ),
     _UpdateSpec(
         "perm", ("n", "k"), "circular=True", "circular=False",
@@ -194,7 +197,7 @@ def _problem(task: str) -> str:
 
 
 def _call(spec: _UpdateSpec, keyword: str | None) -> str:
-    args = ", ".join(spec.params + ((keyword,) if keyword else ()))
+    args = ", ".join((spec.call_args or spec.params) + ((keyword,) if keyword else ()))
     return f"math.{spec.function}({args})"
 
 

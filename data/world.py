@@ -175,13 +175,10 @@ class World:
         return pairs
 
     def fingerprint(self) -> str:
-        """A short hash of everything the world contains; the world model records it to detect drift."""
+        """A short hash of the facts and of every pretraining sentence: the world model records it, so a
+        change to the world's code that would change what the model should know is detected."""
         payload = json.dumps(
-            {
-                "config": asdict(self.config),
-                "facts": [asdict(f) for f in self.facts],
-                "code": [u.update_id for u in self.code_updates],
-            },
+            {"config": asdict(self.config), "facts": [asdict(f) for f in self.facts], "texts": list(self.pretraining_texts())},
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from data.code_update import join_solution
-from data.formats import PROBE_KINDS, Probe
+from data.formats import PROBE_KINDS, Probe, ProgramTest
 from data.tokenization import IGNORE_INDEX
 from lit_corsa.losses import sequence_logprobs, token_counts
 from lit_corsa.metrics import GenerationMatch, PassAtK, ProbabilityComparison, TokenAccuracy
@@ -58,6 +58,13 @@ def metric_names(probes: Iterable[Probe], generation: bool) -> set[str]:
                 continue
             names.add(name)
     return names
+
+
+def solution_passes(test: ProgramTest, body: str, timeout_s: float = 10.0) -> bool:
+    """Run a generated solution body against its unit tests, with the API update patched in, in the sandbox."""
+    solution = f"{test.solution_imports}\n{join_solution(test.solution_signature, body)}\n"
+    program = build_program(test.imports, test.implementation, test.function_path, solution, test.unit_tests)
+    return run_python(program, timeout_s=timeout_s).passed
 
 
 class ProbeEvaluator(nn.Module):
@@ -169,9 +176,7 @@ class ProbeEvaluator(nn.Module):
         for position, row in enumerate(index.tolist()):
             test = batch["probes"][row].program
             for body in bodies[position * self.code_samples : (position + 1) * self.code_samples]:
-                solution = f"{test.solution_imports}\n{join_solution(test.solution_signature, body)}\n"
-                program = build_program(test.imports, test.implementation, test.function_path, solution, test.unit_tests)
-                correct[row] += run_python(program, timeout_s=self.sandbox_timeout_s).passed
+                correct[row] += solution_passes(test, body, self.sandbox_timeout_s)
         samples = torch.full_like(correct, self.code_samples)
         self._update("pass@k", is_program.cpu(), edit_round.cpu(), samples, correct)
 

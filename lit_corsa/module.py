@@ -135,6 +135,11 @@ class EditModule(L.LightningModule):
             raise ValueError("fp16 loss scaling is not supported by the SAM step; use precision bf16-mixed or 32")
         if self.trainer.accumulate_grad_batches != 1:
             raise ValueError("set model.accumulate instead of trainer.accumulate_grad_batches (manual optimisation)")
+        strategy = type(self.trainer.strategy).__name__
+        if strategy not in ("SingleDeviceStrategy", "DDPStrategy"):
+            raise ValueError(f"{strategy} is not supported by the CoRSA step (it takes gradients with autograd.grad "
+                             "on the LoRA parameters and all-reduces them itself): use a single device or DDP; "
+                             "for a base model too large for one GPU, use load_in_4bit")
         ddp = self.trainer.model if hasattr(self.trainer.model, "require_backward_grad_sync") else None
         if ddp is not None:  # we all-reduce the merged update ourselves, once per optimiser step
             ddp.require_backward_grad_sync = False

@@ -84,3 +84,20 @@ def test_baselines_run_through_the_same_harness(tiny_assets, tmp_path, method):
     assert metrics["method"] == method
     assert metrics["objective"]["use_sam"] is False
     assert "ES" in metrics["summary"]["after_last_round"]
+
+
+def test_world_reference_solutions_pass_and_old_ones_fail(world):
+    """The Pass@k path end to end without a model: the new-API reference body passes the unit tests with
+    the update patched in; the old-API body (what an unedited model writes) fails them."""
+    from data.code_update import parse_code_update_rows
+    from data.world_writers import code_update_records
+    from lit_corsa.evaluation import solution_passes
+
+    records = parse_code_update_rows(code_update_records(world), "world")
+    assert len(records) == 8
+    for record in records:
+        program = next(p for p in record.probes if p.kind == "program")
+        assert solution_passes(program.program, program.target), record.record_id
+        assert not solution_passes(program.program, program.contrast), record.record_id
+        spaced = " ".join(program.target.replace("(", " ( ").replace(")", " ) ").replace(",", " , ").split())
+        assert solution_passes(program.program, spaced), "space-joined decoding stays valid Python"

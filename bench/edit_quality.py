@@ -1,0 +1,145 @@
+"""Editing methods side by side on the embedded world: quality over sequential rounds, forgetting, cost.
+
+    python bench/edit_quality.py                       # lora, sam, dpo, corsa, easyedit_dpo; 3 seeds
+    python bench/edit_quality.py --methods lora corsa --seeds 0 --rounds 5
+
+Every method runs through the same EditModule, data, rounds and seeds; only the objective differs.
+Prints a markdown table (mean ± std over seeds) and writes JSON to ``bench/results/edit_quality.json``.
+Step cost is wall time per optimizer step measured in the same process, reported as a ratio to the
+``dpo`` step (the spec's cost target: corsa <= 2.1 x dpo) and to ``lora``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning.pytorch as L  # noqa: E402
+import torch  # noqa: E402
+
+from callbacks.edit_report import EditReport  # noqa: E402
+from data.counterfact import CounterFactDataModule  # noqa: E402
+from data.zsre import ZsREDataModule  # noqa: E402
+from lit_corsa.module import EditModule  # noqa: E402
+
+COLUMNS = ("ES", "PS", "NS", "reliability_token_acc", "generality_token_acc", "locality_token_acc", "generality_gen")
+DATAMODULES = {"counterfact": (CounterFactDataModule, "world:counterfact"), "zsre": (ZsREDataModule, "world:zsre")}
+
+
+class StepTimer(L.Callback):
+    """Wall time of every training batch (one optimizer step when accumulate = 1)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def run_one(args: argparse.Namespace, method: str, seed: int, out_dir: Path) -> dict:
+    L.seed_everything(seed, verbose=False)
+    datamodule_class, source = DATAMODULES[args.benchmark]
+    dm = datamodule_class(source=source, tokenizer="world:model", num_updates=args.rounds,
+                          edits_per_update=args.edits_per_round, epochs_per_update=args.epochs_per_round,
+                          batch_size=args.batch_size, shuffle_seed=seed)
+    module = EditModule(model_name_or_path="world:model", method=method, learning_rate=args.learning_rate,
+                        rho=args.rho, beta=args.beta, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
+                        max_new_tokens=6)
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=args.rounds * args.epochs_per_round,
+        check_val_every_n_epoch=args.epochs_per_round, reload_dataloaders_every_n_epochs=1,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[EditReport(output_dir=str(out_dir), plot=False), timer],
+    )
+    trainer.fit(module, datamodule=dm)
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    steady = timer.seconds[len(timer.seconds) // 10:]  # drop warm-up batches
+    return {"summary": metrics["summary"], "rounds": metrics["rounds"], "seconds_per_step": statistics.median(steady)}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(results: dict[str, list[dict]]) -> dict[str, dict]:
+    table = {}
+    for method, runs in results.items():
+        row = {}
+        for name in COLUMNS:
+            row[name] = _mean_std([r["summary"]["after_last_round"][name] for r in runs])
+            row[f"immediate_{name}"] = _mean_std([r["summary"]["immediate"][name] for r in runs])
+            row[f"forgetting_{name}"] = _mean_std([r["summary"]["forgetting"][name] for r in runs])
+        row["seconds_per_step"] = _mean_std([r["seconds_per_step"] for r in runs])
+        table[method] = row
+    for row in table.values():
+        for base in ("dpo", "lora"):
+            if base in table:
+                row[f"step_vs_{base}"] = row["seconds_per_step"][0] / table[base]["seconds_per_step"][0]
+    return table
+
+
+def markdown(table: dict[str, dict], args: argparse.Namespace) -> str:
+    head = ["method"] + [f"{c} (final)" for c in ("ES", "PS", "NS")] + [
+        "gen. tok. acc", "loc. tok. acc", "PS imm.", "forget ES", "forget PS", "step / dpo", "step / lora"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fmt = lambda ms: f"{ms[0]:.3f} ± {ms[1]:.3f}"  # noqa: E731
+    for method, row in table.items():
+        cells = [method, fmt(row["ES"]), fmt(row["PS"]), fmt(row["NS"]), fmt(row["generality_token_acc"]),
+                 fmt(row["locality_token_acc"]), fmt(row["immediate_PS"]), fmt(row["forgetting_ES"]),
+                 fmt(row["forgetting_PS"]), f"{row.get('step_vs_dpo', float('nan')):.2f}",
+                 f"{row.get('step_vs_lora', float('nan')):.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\n{args.benchmark}, {args.rounds} rounds x {args.edits_per_round} edits, "
+                 f"{args.epochs_per_round} epochs per round, seeds {args.seeds}; final = after the last round over all "
+                 "edits; imm. = each round's edits right after their round; forget = spec §6 (positive = forgotten).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["lora", "sam", "dpo", "corsa", "easyedit_dpo"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--benchmark", choices=sorted(DATAMODULES), default="counterfact")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--edits-per-round", type=int, default=20)
+    parser.add_argument("--epochs-per-round", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "edit_quality.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            for method in args.methods:
+                started = time.perf_counter()
+                results[method].append(run_one(args, method, seed, Path(tmp) / f"{method}-{seed}"))
+                print(f"{method} seed {seed}: {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    table = aggregate(results)
+    text = markdown(table, args)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "table": table,
+                                    "runs": results, "markdown": text}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
