@@ -18,6 +18,7 @@ seed_everything: 0
 trainer:
   accelerator: cpu
   devices: 1
+  default_root_dir: {out}
   logger: false
   enable_progress_bar: false
   enable_model_summary: false
