@@ -238,8 +238,8 @@ class EditModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.last_scores = self._compute_scores()
-        for name, value in self.last_scores["all"].items():
-            self.log(f"val/{name}", value, sync_dist=False)
+        for name, value in self.last_scores["all"].items():  # already reduced over ranks by torchmetrics
+            self.log(f"val/{name}", value, rank_zero_only=True)
 
     test_step = validation_step
     on_test_epoch_start = on_validation_epoch_start
@@ -247,7 +247,7 @@ class EditModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.last_scores = self._compute_scores()
         for name, value in self.last_scores["all"].items():
-            self.log(f"test/{name}", value)
+            self.log(f"test/{name}", value, rank_zero_only=True)
 
     def _compute_scores(self) -> dict[str, Any]:
         dm = self.datamodule

@@ -29,7 +29,7 @@ def _run(tiny_assets, tmp_path, *, method="corsa", rounds=3, stop_after=None, ck
         accelerator="cpu", devices=1, max_epochs=epochs, check_val_every_n_epoch=EPOCHS,
         reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[EditReport(output_dir=str(tmp_path / "run")),
+        callbacks=[EditReport(output_dir=str(tmp_path / "run"), merge_adapter=True),
                    ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)],
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
@@ -56,6 +56,8 @@ def test_sequential_rounds_write_metrics_plot_and_adapter(tiny_assets, tmp_path)
     reloaded = PeftModel.from_pretrained(base, adapter)
     ids = torch.tensor([[1, 5, 6, 7]])
     torch.testing.assert_close(reloaded(input_ids=ids).logits, module.model(input_ids=ids).logits)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")  # a plain HF model, no peft
+    torch.testing.assert_close(merged(input_ids=ids).logits, module.model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_checkpoint_holds_adapter_optimizer_and_round(tiny_assets, tmp_path):

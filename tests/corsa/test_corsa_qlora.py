@@ -1,0 +1,24 @@
+"""A bitsandbytes NF4 base (QLoRA-style) edits through the same step: only the adapter trains."""
+
+import bitsandbytes as bnb
+import torch
+
+from data.tokenization import EncodedRequest, RequestCollator
+from lit_corsa.lora import load_causal_lm, wrap_with_lora
+from lit_corsa.objectives import METHODS
+from lit_corsa.step import EditStep
+
+
+def test_corsa_step_on_a_4bit_base():
+    model = wrap_with_lora(load_causal_lm("world:model", dtype="float32", load_in_4bit=True), r=4, alpha=8)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    batch = RequestCollator(pad_id=0)([EncodedRequest(0, [2, 40, 41, 42], [43], [44]),
+                                       EncodedRequest(1, [2, 45, 46], [47, 48], [49])])
+    before = [p.detach().clone() for p in params]
+    grads, logs = EditStep(METHODS["corsa"])(model, params, batch, reference=torch.zeros(2, 2))
+    assert all(torch.isfinite(v).all() for v in logs.values())
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
