@@ -61,7 +61,7 @@ def plot_history(history: dict[int, dict[str, Any]], path: Path, title: str = ""
         ax.plot(rounds, [history[k]["all"].get(name, float("nan")) for k in rounds], "k-o", lw=2, label="all edits so far")
         for r in rounds:
             later = [k for k in rounds if k >= r]
-            ax.plot(later, [history[k]["by_edit_round"][r].get(name, float("nan")) for k in later], "--", alpha=0.6,
+            ax.plot(later, [history[k]["by_edit_round"][r].get(name, float("nan")) for k in later], "--", marker=".", alpha=0.6,
                     label=f"round {r} edits" if len(rounds) <= 6 else None)
         ax.set_title(name)
         ax.set_xlabel("after round")

@@ -6,6 +6,11 @@ DDP ranks (once), and rank 0 runs the TaCQ pipeline (``lit_tacq.pipeline``: refe
 -> global top-p mask -> masked GPTQ), writes the packed model to ``export_dir`` with a ``report.json``,
 reloads it from disk and prints its accuracy and bits per weight.
 
+The GPTQ Hessians are not accumulated during the epoch: spec §2 wants each layer's H from inputs that
+went through the already-quantized earlier layers, which only exist during the pipeline's sequential
+passes (an H of the unquantized model's activations would be the wrong matrix for every layer after the
+first group), so the pipeline measures them there, on the same calibration examples.
+
 Resumable: the callback's state (progress, settings, timing) lives in the Lightning checkpoint, the
 model-sized accumulators in safetensors side files next to it (``<checkpoint dir>/tacq_state/``, one per
 rank and save), which the state points to. Together with the data module's resumable loader, an
@@ -94,6 +99,7 @@ class TaCQCallback(Callback):
         self._resume: dict[str, Any] | None = None
         self._epoch_started: float | None = None
         self._written: list[Path] = []
+        self._layers: dict[str, torch.nn.Linear] = {}
 
     # ---- setup and accumulation -----------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -123,6 +129,7 @@ class TaCQCallback(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._ensure_accumulators(pl_module)
+        self._layers = self._linears(pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch > 0:
@@ -133,7 +140,7 @@ class TaCQCallback(Callback):
     @torch.no_grad()
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert self.grad_abs_sum is not None
-        for name, linear in self._linears(pl_module).items():
+        for name, linear in self._layers.items():
             if linear.weight.grad is not None:
                 accumulator = self.grad_abs_sum[name]
                 accumulator.add_(linear.weight.grad.abs().to(accumulator.device, torch.float32))

@@ -45,6 +45,8 @@ class EditDataModule(L.LightningDataModule):
         limit: use only the first ``limit`` records (after shuffling), for quick runs.
         split: split name when ``source`` is a hub dataset.
         chat_template: wrap prompts in the tokenizer's chat template (instruct models).
+        append_eos: end every answer with the EOS token, so an edited model stops after it (needed where
+            whole generations are executed, as for code; chat templates add their own end-of-turn).
     """
 
     hub_split: str = "train"
@@ -63,6 +65,7 @@ class EditDataModule(L.LightningDataModule):
         limit: int | None = None,
         split: str | None = None,
         chat_template: bool = False,
+        append_eos: bool = False,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -73,7 +76,7 @@ class EditDataModule(L.LightningDataModule):
         self.num_updates, self.edits_per_update, self.epochs_per_update = num_updates, edits_per_update, epochs_per_update
         self.batch_size, self.eval_batch_size, self.max_length = batch_size, eval_batch_size, max_length
         self.shuffle_seed, self.limit, self.split = shuffle_seed, limit, split or self.hub_split
-        self.chat_template, self.num_workers = chat_template, num_workers
+        self.chat_template, self.append_eos, self.num_workers = chat_template, append_eos, num_workers
         self.current_round = 0
         self.rounds: list[list[EditRecord]] = []
         self._encoded_requests: list[list[EncodedRequest]] = []
@@ -137,7 +140,7 @@ class EditDataModule(L.LightningDataModule):
         if self.rounds:
             return
         rounds = self.split_rounds(self.load_records(), self.num_updates, self.edits_per_update)
-        tok = AnswerTokenizer(self.tokenizer, self.chat_template, self.max_length)
+        tok = AnswerTokenizer(self.tokenizer, self.chat_template, self.max_length, self.append_eos)
         requests, probes, next_request, next_probe = [], [], 0, 0
         for k, round_records in enumerate(rounds):
             round_requests, round_probes = [], []

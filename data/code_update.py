@@ -117,8 +117,9 @@ class CodeUpdateDataModule(EditDataModule):
 
     hub_split = "test"
 
-    def __init__(self, *args: Any, train_examples: int = 2, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, train_examples: int = 2, append_eos: bool = True, **kwargs: Any) -> None:
+        # generated programs are executed, so an edited model must learn to stop after the solution
+        super().__init__(*args, append_eos=append_eos, **kwargs)
         self.train_examples = train_examples
 
     def parse_rows(self, rows: list[dict[str, Any]], source: str) -> list[EditRecord]:

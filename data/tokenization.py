@@ -23,10 +23,12 @@ IGNORE_INDEX = -100
 class AnswerTokenizer:
     """Encodes (prompt, answer) pairs into prompt ids and answer ids, truncating the prompt on the left."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template: bool = False, max_length: int = 256) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template: bool = False, max_length: int = 256,
+                 append_eos: bool = False) -> None:
         if chat_template and not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat_template=True but the tokenizer has no chat template")
         self.tokenizer, self.chat_template, self.max_length = tokenizer, chat_template, max_length
+        self.append_eos = append_eos
 
     @property
     def pad_id(self) -> int:
@@ -57,6 +59,9 @@ class AnswerTokenizer:
             answer_ids = full[len(prompt_ids):]
         else:
             answer_ids = self._ids(" " + answer, special=False)
+        eos = self.tokenizer.eos_token_id
+        if self.append_eos and eos is not None and answer_ids[-1:] != [eos]:
+            answer_ids = answer_ids + [eos]  # teaches the model to stop after the answer (programs need it)
         keep = max(1, self.max_length - len(answer_ids))
         return prompt_ids[-keep:], answer_ids
 

@@ -30,8 +30,9 @@ PROTOCOLS = {
     "generality_token_acc": "EasyEdit generality: teacher-forced token accuracy of the new answer on paraphrases",
     "locality_token_acc": "EasyEdit locality: fraction of neighbour/locality answer tokens whose argmax is "
                           "unchanged from the unedited model (adapter disabled)",
-    "reliability_gen": "greedy generation from the edit prompt contains the new answer (case-insensitive)",
-    "generality_gen": "greedy generation from a paraphrase contains the new answer (case-insensitive)",
+    "reliability_gen": "greedy generation from the edit prompt contains the new answer (case- and "
+                       "whitespace-insensitive)",
+    "generality_gen": "greedy generation from a paraphrase contains the new answer (case- and whitespace-insensitive)",
     "pass@k": "unbiased pass@k of sampled solutions to held-out problems, run in a sandbox against unit tests "
               "with the API update patched in",
 }
@@ -162,7 +163,9 @@ class ProbeEvaluator(nn.Module):
         generations = [""] * len(batch["probes"])
         for row, text in zip(index.tolist(), texts):
             generations[row] = text
-        answers = [p.target for p in batch["probes"]]
+        # whitespace-insensitive: tokenizers differ in how they space decoded text ("math . comb ( n )")
+        generations = ["".join(text.split()) for text in generations]
+        answers = ["".join(p.target.split()) for p in batch["probes"]]
         self._update("reliability_gen", is_kind["efficacy"], edit_round, generations, answers)
         self._update("generality_gen", is_kind["paraphrase"], edit_round, generations, answers)
 
