@@ -34,16 +34,21 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>"
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Size of the tiny Llama and how long to train it."""
+    """Size of the tiny Llama and how long to train it.
+
+    Fact recall arrives abruptly rather than gradually: in one run at lr 2e-3 seen-template accuracy went
+    from 44 % at epoch 15 to 94 % at epoch 20, and a 30-epoch build at lr 3e-3 ended before the jump
+    (66 %). 40 epochs leave a margin; the build's accuracies are recorded in ``world_card.json``.
+    """
 
     hidden_size: int = 192
     intermediate_size: int = 512
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    epochs: int = 30
+    epochs: int = 40
     batch_size: int = 128
-    learning_rate: float = 3e-3
+    learning_rate: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
     seed: int = 0

@@ -1,0 +1,28 @@
+"""EditReport's summary of a sequential run, on a hand-made history."""
+
+import pytest
+
+from callbacks.edit_report import plot_history, summarise
+
+HISTORY = {
+    0: {"all": {"ES": 0.9}, "by_edit_round": {0: {"ES": 0.9}}},
+    1: {"all": {"ES": 0.8}, "by_edit_round": {0: {"ES": 0.7}, 1: {"ES": 0.9}}},
+    2: {"all": {"ES": 0.7}, "by_edit_round": {0: {"ES": 0.5}, 1: {"ES": 0.8}, 2: {"ES": 0.8}}},
+}
+
+
+def test_summary_immediate_final_forgetting():
+    summary = summarise(HISTORY)
+    assert summary["after_last_round"] == {"ES": 0.7}
+    assert summary["immediate"]["ES"] == pytest.approx((0.9 + 0.9 + 0.8) / 3)  # diagonal
+    assert summary["final"]["ES"] == pytest.approx((0.5 + 0.8 + 0.8) / 3)  # last row
+    assert summary["forgetting"]["ES"] == pytest.approx(((0.9 - 0.5) + (0.9 - 0.8)) / 2)  # rounds before the last
+
+
+def test_single_round_has_no_forgetting():
+    assert summarise({0: HISTORY[0]})["forgetting"] == {}
+
+
+def test_plot_is_written(tmp_path):
+    plot_history(HISTORY, tmp_path / "m.png", "title")
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
