@@ -1,7 +1,7 @@
 """Editing methods side by side on the embedded world: quality over sequential rounds, forgetting, cost.
 
-    python bench/edit_quality.py                       # lora, sam, dpo, corsa, easyedit_dpo; 3 seeds
-    python bench/edit_quality.py --methods lora corsa --seeds 0 --rounds 5
+    python -m bench.edit_quality                       # lora, sam, dpo, corsa, easyedit_dpo; 3 seeds
+    python -m bench.edit_quality --methods lora corsa --seeds 0 --rounds 5
 
 Every method runs through the same EditModule, data, rounds and seeds; only the objective differs.
 Prints a markdown table (mean ± std over seeds) and writes JSON to ``bench/results/edit_quality.json``.
@@ -13,24 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning.pytorch as L
+import torch
 
-import lightning.pytorch as L  # noqa: E402
-import torch  # noqa: E402
-
-from callbacks.edit_report import EditReport  # noqa: E402
-from data.counterfact import CounterFactDataModule  # noqa: E402
-from data.zsre import ZsREDataModule  # noqa: E402
-from lit_corsa.module import EditModule  # noqa: E402
+from callbacks.edit_report import EditReport
+from data.counterfact import CounterFactDataModule
+from data.zsre import ZsREDataModule
+from lit_corsa.module import EditModule
 
 COLUMNS = ("ES", "PS", "NS", "reliability_token_acc", "generality_token_acc", "locality_token_acc", "generality_gen")
 DATAMODULES = {"counterfact": (CounterFactDataModule, "world:counterfact"), "zsre": (ZsREDataModule, "world:zsre")}

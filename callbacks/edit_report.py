@@ -136,7 +136,7 @@ class EditReport(L.Callback):
         if self.merge_adapter:
             from peft import PeftModel
 
-            from lit_corsa.lora import load_causal_lm
+            from data.sources import load_causal_lm
 
             hp = pl_module.hparams
             base = load_causal_lm(hp.model_name_or_path, hp.dtype)

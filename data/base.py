@@ -18,18 +18,11 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from data.formats import DataFormatError, EditRecord, read_records
-from data.sources import is_local, resolve
+from data.sources import is_local, load_tokenizer, resolve
 from data.tokenization import AnswerTokenizer, EncodedProbe, EncodedRequest, ProbeCollator, RequestCollator, encode_probe, encode_request
-
-
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 class EditDataModule(L.LightningDataModule):

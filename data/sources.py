@@ -2,12 +2,16 @@
 
 ``world:<name>`` names a file or model of the embedded world (``world:model``, ``world:counterfact``, ...)
 and resolves to the committed asset, so configs work from any directory. Anything else is a local path
-when it exists, otherwise a hub id handed to ``from_pretrained`` / ``load_dataset`` unchanged.
+when it exists, otherwise a hub id handed to ``from_pretrained`` / ``load_dataset`` unchanged. The two
+loaders below are the only places the project turns such a name into a model or a tokenizer.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 WORLD_PREFIX = "world:"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -38,3 +42,29 @@ def resolve(name_or_path: str) -> str:
 
 def is_local(name_or_path: str) -> bool:
     return Path(resolve(name_or_path)).exists()
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", load_in_4bit: bool = False) -> PreTrainedModel:
+    """``from_pretrained`` with a dtype by name ("auto" keeps the checkpoint's); ``load_in_4bit`` gives a
+    bitsandbytes NF4 base (QLoRA-style), computing in ``dtype`` (bfloat16 for "auto")."""
+    if dtype not in DTYPES and dtype != "auto":
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES) + ['auto']}")
+    kwargs: dict = {"dtype": DTYPES.get(dtype, "auto")}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES.get(dtype, torch.bfloat16)
+        )
+    return AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token (the EOS token when it has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

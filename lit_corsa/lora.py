@@ -7,16 +7,12 @@ dense, dense_h_to_4h, dense_4h_to_h) and GPT-2 (c_attn, c_proj, c_fc) without li
 
 from __future__ import annotations
 
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from data.sources import resolve
 from lit_tacq.layers import find_decoder_blocks
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def decoder_linear_names(model: nn.Module) -> list[str]:
@@ -30,21 +26,6 @@ def decoder_linear_names(model: nn.Module) -> list[str]:
     if not names:
         raise ValueError(f"no Linear layers found in the decoder blocks of {type(model).__name__}")
     return sorted(names)
-
-
-def load_causal_lm(name_or_path: str, dtype: str = "float32", load_in_4bit: bool = False) -> PreTrainedModel:
-    """``from_pretrained`` with a dtype by name; ``load_in_4bit`` gives a bitsandbytes NF4 base (QLoRA)."""
-    if dtype not in DTYPES and dtype != "auto":
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES) + ['auto']}")
-    kwargs: dict = {"dtype": DTYPES.get(dtype, "auto")}
-    if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        compute = DTYPES.get(dtype, torch.bfloat16)
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
-        )
-    return AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
 
 
 def wrap_with_lora(model: PreTrainedModel, r: int = 8, alpha: int = 16, dropout: float = 0.0,

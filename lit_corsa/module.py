@@ -25,11 +25,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from data.base import EditDataModule, load_tokenizer
+from data.base import EditDataModule
 from data.tokenization import RequestCollator
 from lit_corsa.evaluation import ProbeEvaluator, metric_names
 from lit_corsa.losses import sequence_logprobs
-from lit_corsa.lora import load_causal_lm, wrap_with_lora
+from data.sources import load_causal_lm, load_tokenizer
+from lit_corsa.lora import wrap_with_lora
 from lit_corsa.objectives import resolve_objective
 from lit_corsa.step import EditStep
 

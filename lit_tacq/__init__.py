@@ -1,4 +1,7 @@
-"""TaCQ (task-circuit quantization), the pure pieces: saliency, masked GPTQ, packed storage.
+"""TaCQ (task-circuit quantization).
 
-Nothing here knows about Lightning; the callback in ``callbacks/tacq.py`` orchestrates these.
+The pure pieces know nothing about Lightning: saliency, (masked) GPTQ, packing, QuantLinear, the
+packed directory (io) and the whole-model pass (pipeline). ``calibration`` (data module) and ``module``
+(LightningModule) are the Lightning side of the calibration epoch; ``callbacks/tacq.py`` accumulates the
+gradients during it and runs the pipeline at its end.
 """

@@ -76,6 +76,22 @@ def measured_bits_per_weight(source: nn.Module | str | Path) -> float:
     return 8 * n_bytes / n_weights
 
 
+def accounted_bits_per_weight(model: nn.Module) -> float:
+    """Spec §2's accounting over the model's QuantLinear layers: b bits per code, 32 bits per kept weight
+    (16 value + 16 index) and 32 bits of fp16 scale + zero per row or group. The stored format also has
+    a CSR row pointer (32 bits per row), which the formula leaves out: compare with
+    :func:`measured_bits_per_weight` to see its share (32 / d_in bits, large only for narrow layers)."""
+    modules = quantized_modules(model).values()
+    n_weights = sum(m.in_features * m.out_features for m in modules)
+    if n_weights == 0:
+        raise ValueError("no quantized Linear layers found")
+    bits = sum(
+        m.bits * m.in_features * m.out_features + 32 * m.outlier_values.numel() + 32 * m.scale.numel()
+        for m in modules
+    )
+    return bits / n_weights
+
+
 def save_quantized(
     model: PreTrainedModel,
     out_dir: str | Path,

@@ -30,3 +30,18 @@ def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
     """Every ``nn.Linear`` inside ``block``, keyed by its name relative to the block
     (e.g. ``self_attn.q_proj``, ``mlp.down_proj``). Embeddings and lm_head live outside the blocks."""
     return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+
+
+def named_decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The decoder blocks with their full module names (e.g. ``model.layers.3``)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return [(names[id(block)], block) for block in find_decoder_blocks(model)]
+
+
+def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every decoder ``nn.Linear`` by its full module name (``model.layers.3.mlp.down_proj``), block order."""
+    return {
+        f"{prefix}.{name}": linear
+        for prefix, block in named_decoder_blocks(model)
+        for name, linear in find_linears(block).items()
+    }

@@ -87,6 +87,17 @@ SCORERS: dict[str, Callable[[LayerStats], Tensor]] = {
 }
 
 
+# The LayerStats fields each scorer reads: a driver computes Q(W) or H only when the scorer needs them.
+NEEDS: dict[str, frozenset[str]] = {
+    "tacq": frozenset({"grad_abs_sum", "quantized"}),
+    "grad_delta": frozenset({"grad_abs_sum", "quantized"}),
+    "weight_grad": frozenset({"grad_abs_sum"}),
+    "magnitude": frozenset(),
+    "hessian": frozenset({"quantized", "hessian"}),
+    "random": frozenset(),
+}
+
+
 def score(name: str, stats: LayerStats) -> Tensor:
     """Saliency [out, in] (float32) of one layer under the scorer called ``name``."""
     if name not in SCORERS:

@@ -10,7 +10,8 @@ from callbacks.tacq import TaCQCallback
 from lit_tacq.calibration import CalibrationDataModule
 from lit_tacq.io import WEIGHTS_FILE
 from lit_tacq.layers import decoder_linears
-from lit_tacq.module import CalibrationModule, load_model
+from data.sources import load_causal_lm
+from lit_tacq.module import CalibrationModule
 from lit_tacq.pipeline import QuantSettings
 
 BUDGET = 300  # about 20 examples of the tiny world
@@ -35,7 +36,7 @@ def test_accumulator_equals_an_explicit_per_example_loop(tiny, tmp_path):
     _trainer(tmp_path, "run", [callback], max_steps=steps).fit(module, data)  # stops early: nothing quantized
     assert callback.examples_done == steps and not callback.finished
 
-    model = load_model(tiny.model_dir)
+    model = load_causal_lm(tiny.model_dir)
     expected, summed = {}, {}
     for example in data.examples[:steps]:
         model.zero_grad()
@@ -81,7 +82,7 @@ def test_interrupted_calibration_resumes_to_the_same_mask(tiny, tmp_path):
     assert callback.examples_done == n_examples and callback.finished
 
     resumed = _export_tensors(tmp_path / "resumed" / "export")
-    n_weights = sum(linear.weight.numel() for linear in decoder_linears(load_model(tiny.model_dir)).values())
+    n_weights = sum(linear.weight.numel() for linear in decoder_linears(load_causal_lm(tiny.model_dir)).values())
     kept = [name for name in reference if name.endswith("outlier_col_idx")]
     assert len(kept) == 14 and sum(reference[name].numel() for name in kept) == int(QUANT.fraction * n_weights)
     for name in reference:  # the same mask, and in fact the same stored model

@@ -6,7 +6,8 @@ from safetensors.torch import load_file
 from callbacks.tacq import TaCQCallback
 from lit_tacq.calibration import CalibrationDataModule
 from lit_tacq.io import load_quantized
-from lit_tacq.module import CalibrationModule, load_model
+from data.sources import load_causal_lm
+from lit_tacq.module import CalibrationModule
 from lit_tacq.pipeline import QuantSettings
 
 
@@ -26,7 +27,7 @@ def test_ddp_ranks_split_the_examples_and_the_sum_is_exact(tiny, tmp_path):
     steps = (n + 1) // 2
     ranks = [load_file(str(tmp_path / "ckpt" / "tacq_state" / f"accumulators-step{steps:09d}-rank{r}.safetensors"))
              for r in (0, 1)]
-    model = load_model(tiny.model_dir)
+    model = load_causal_lm(tiny.model_dir)
     expected = {}
     for example in data.examples:
         model.zero_grad()

@@ -8,7 +8,7 @@ from torch import nn
 from data.world_model import answer_accuracy
 from lit_tacq.calibration import EvaluationData, read_task_records
 from lit_tacq.evaluation import answer_scores, evaluate, text_nll
-from lit_tacq.module import load_model
+from data.sources import load_causal_lm
 
 
 class Oracle(nn.Module):
@@ -33,7 +33,7 @@ def test_accuracy_is_the_worlds_definition_and_nll_is_per_answer_token(tiny):
     assert 0 < accuracy < 1
     assert accuracy == answer_accuracy(oracle, tiny.tokenizer, pairs, batch_size=7)
 
-    model = load_model(tiny.model_dir).eval()
+    model = load_causal_lm(tiny.model_dir).eval()
     prompt, answer = pairs[0]
     prompt_ids = tiny.tokenizer(prompt)["input_ids"]
     answer_ids = tiny.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
@@ -44,7 +44,7 @@ def test_accuracy_is_the_worlds_definition_and_nll_is_per_answer_token(tiny):
 
 
 def test_text_nll_and_evaluate_keys(tiny):
-    model = load_model(tiny.model_dir).train()
+    model = load_causal_lm(tiny.model_dir).train()
     windows = [torch.arange(10, 26), torch.arange(30, 46)]
     nll = text_nll(model, windows)
     logits = model(input_ids=torch.stack(windows)).logits[:, :-1]

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lit_tacq.saliency import LayerStats, global_topk_mask, score, tacq_saliency
+from lit_tacq.saliency import NEEDS, SCORERS, LayerStats, global_topk_mask, score, tacq_saliency
 
 W = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]])
 A = torch.tensor([[1.0, 2.0, 0.0], [3.0, 1.0, 1.0]])
@@ -84,3 +84,13 @@ def test_global_topk_edge_fractions():
         global_topk_mask(scores, 1.5)
     with pytest.raises(ValueError, match="NaN"):
         global_topk_mask({"a": torch.tensor([float("nan"), 1.0])}, 0.5)
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_needs_lists_exactly_what_each_scorer_reads(name):
+    available = {"grad_abs_sum": A, "quantized": Q, "hessian": torch.eye(3)}
+    assert set(NEEDS) == set(SCORERS)
+    score(name, LayerStats(W, **{k: v for k, v in available.items() if k in NEEDS[name]}))
+    for missing in NEEDS[name]:
+        with pytest.raises(ValueError, match=missing):
+            score(name, LayerStats(W, **{k: v for k, v in available.items() if k in NEEDS[name] - {missing}}))

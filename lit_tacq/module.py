@@ -1,0 +1,109 @@
+"""CalibrationModule: one "fit" epoch that measures gradients and never updates a weight.
+
+Each training step is one calibration example: its mean next-token cross-entropy (all tokens, or the
+answer's when the data module says so through ``labels``), a backward pass, and nothing else. Manual
+optimisation whose only "optimiser" is :class:`StepClock` (no model parameter, a step that does nothing)
+makes "never updates a weight" structural, while Lightning's step counter still counts calibration
+examples, so ``max_steps`` and ``ModelCheckpoint(every_n_train_steps=...)`` work as usual.
+Only the decoder Linear weights require gradients (found by type, ``lit_tacq.layers``), so the backward
+pass computes exactly the gradients TaCQ's accumulator reads (``callbacks/tacq.py``) and no others.
+
+The model stays in eval mode (``from_pretrained``'s default): no dropout, so each example's gradient
+depends on the example alone and a resumed calibration reproduces an uninterrupted one.
+
+The weights never change, so checkpoints hold none of them (the base is reloaded from its path, as
+``lit_corsa``'s module does with its frozen base): a calibration checkpoint is small, and no quantized
+weight can ever end up in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from data.sources import DTYPES, load_causal_lm
+from lit_tacq.layers import decoder_linears
+
+def freeze_all_but_decoder_linears(model: PreTrainedModel) -> dict[str, torch.nn.Linear]:
+    """Make only the decoder Linear weights trainable (biases, norms, embeddings, lm_head frozen)."""
+    model.requires_grad_(False)
+    linears = decoder_linears(model)
+    for linear in linears.values():
+        linear.weight.requires_grad_(True)
+    return linears
+
+
+class StepClock(torch.optim.Optimizer):
+    """An optimiser over one dummy scalar (no model parameter) whose ``step`` changes nothing.
+
+    In manual optimisation Lightning's ``global_step`` counts optimiser steps; stepping this clock once
+    per example makes it count examples without any weight being touched.
+    """
+
+    def __init__(self) -> None:
+        super().__init__([torch.zeros(())], {})
+
+    def step(self, closure: Any = None) -> Any:
+        return closure() if closure is not None else None
+
+
+class CalibrationModule(L.LightningModule):
+    """Per-example losses and gradients of a causal LM over the calibration data; no optimiser step.
+
+    Args:
+        model_name_or_path: local path, hub id or ``world:model``.
+        dtype: weights' dtype ("float32", "bfloat16", "float16"); the accumulator is float32 regardless.
+        gradient_checkpointing: trade compute for activation memory (large models, long sequences).
+    """
+
+    def __init__(
+        self, model_name_or_path: str = "world:model", dtype: str = "float32", gradient_checkpointing: bool = False
+    ) -> None:
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold no weights (module docstring)
+        self.model: PreTrainedModel | None = None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = load_causal_lm(self.hparams.model_name_or_path, self.hparams.dtype)
+        if self.hparams.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        freeze_all_but_decoder_linears(self.model)
+
+    def configure_optimizers(self) -> StepClock:
+        """Only a step counter: calibration reads gradients and updates nothing."""
+        return StepClock()
+
+    def example_loss(self, input_ids: Tensor, labels: Tensor) -> Tensor:
+        """Mean next-token cross-entropy of one example over its labelled tokens."""
+        return self.model(input_ids=input_ids, labels=labels, use_cache=False).loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        if batch["input_ids"].shape[0] != 1:
+            raise ValueError("calibration needs one example per batch (per-example gradients)")
+        clock = self.optimizers()
+        if batch["input_ids"].numel() == 0:  # DDP padding: nothing to measure, but keep ranks in step
+            clock.step()
+            return None
+        self.model.zero_grad(set_to_none=True)
+        loss = self.example_loss(batch["input_ids"], batch["labels"])
+        # each rank keeps its own per-example gradient: no DDP all-reduce (it would average examples)
+        sync_off = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)
+        with sync_off():
+            self.manual_backward(loss)
+        clock.step()
+        self.log("calibration_loss", loss.detach(), prog_bar=True, batch_size=1)
+        return loss.detach()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {}

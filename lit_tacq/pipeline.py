@@ -1,0 +1,349 @@
+"""TaCQ over a whole decoder, block by block: reference pass, one global mask, masked GPTQ (no Lightning).
+
+1. **Reference pass** (only when the scorer needs Q(W) or H): unmasked GPTQ (or RTN) of a *copy* of each
+   block, sequential: block i's inputs come from the already-quantized copies of blocks < i. Each layer
+   is scored as soon as its Q(W) is known; the copy is then dropped. The reference code does the same in
+   two runs (a GPTQ model on disk, then |W - Q(W)|); a whole-model Q(W) is never held.
+2. **One global top-p ranking** of all scores (``saliency.global_topk_mask``): the mask needs every
+   layer's score, which is why the passes cannot be fused.
+3. **Final pass**: masked GPTQ of the real blocks in place, sequential again, every Linear swapped for a
+   :class:`QuantLinear` as soon as it is quantized, so that later layers and blocks see the activations
+   of the model that is actually stored.
+
+Inside a block the Linears are quantized in groups that read the same input, (q, k, v) -> o ->
+(gate, up) -> down for Llama: the groups come from watching one forward pass, not from module names.
+H = (2/n) sum x x^T is accumulated over the calibration sequences one at a time (``gptq.HessianAccumulator``).
+
+Streaming design (models larger than memory). Every step above already touches one block at a time:
+the block inputs are captured once (embeddings only), then each pass is ``for block: load -> H ->
+quantize -> outputs -> free``. A streaming driver changes only where blocks live: load block i's
+weights from the safetensors shards onto the device, run it, write its QuantLinear buffers (final pass)
+or its scores (reference pass) to disk, free it. The gradient epoch streams the same way: forward block
+by block keeping only block-boundary activations, then backward block by block in reverse, recomputing
+each block from its stored input and adding |dL_n/dW| of that block to A on disk. Scores and masks are
+per-layer tensors on ``score_device`` (CPU by default) and the global ranking already works layer by
+layer (``global_topk_mask`` never concatenates). This first version keeps the whole model in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lit_tacq.gptq import HessianAccumulator, fill_kept, gptq_quantize
+from lit_tacq.layers import decoder_linears, find_decoder_blocks, find_linears, named_decoder_blocks
+from lit_tacq.packing import SUPPORTED_BITS
+from lit_tacq.qlinear import QuantLinear
+from lit_tacq.quantizer import QuantResult, rtn_quantize
+from lit_tacq.saliency import NEEDS, SCORERS, LayerStats, global_topk_mask, score
+
+
+@dataclass
+class QuantSettings:
+    """How to quantize (spec §2). ``saliency="none"`` keeps nothing in 16 bits: plain GPTQ / RTN.
+
+    ``reference`` is how Q(W) of the saliency is computed, ``quantizer`` the final (masked) quantizer.
+    """
+
+    bits: int = 3
+    group_size: int | None = None
+    fraction: float = 0.0035
+    saliency: str = "tacq"
+    reference: Literal["gptq", "rtn"] = "gptq"
+    quantizer: Literal["gptq", "rtn"] = "gptq"
+    percdamp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    mse: bool = True
+    outlier_dtype: Literal["float16", "bfloat16"] = "float16"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.saliency != "none" and self.saliency not in SCORERS:
+            raise ValueError(f"unknown saliency {self.saliency!r}; choose 'none' or one of {sorted(SCORERS)}")
+        for name in ("reference", "quantizer"):
+            if getattr(self, name) not in ("gptq", "rtn"):
+                raise ValueError(f"{name} must be 'gptq' or 'rtn', got {getattr(self, name)!r}")
+        if not 0 <= self.fraction < 1:
+            raise ValueError(f"fraction must lie in [0, 1), got {self.fraction}")
+
+    @property
+    def keeps_outliers(self) -> bool:
+        return self.saliency != "none" and self.fraction > 0
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.keeps_outliers and "grad_abs_sum" in NEEDS[self.saliency]
+
+
+@dataclass
+class BlockInputs:
+    """What the first decoder block receives for each calibration sequence: hidden states and the
+    keyword arguments the model passes along (position embeddings, masks, ...)."""
+
+    hidden: list[Tensor]
+    kwargs: list[dict[str, Any]]
+
+
+@dataclass
+class QuantSummary:
+    """What a run did: weights kept per layer, totals, seconds per stage."""
+
+    kept: dict[str, int] = field(default_factory=dict)
+    total_weights: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kept_fraction(self) -> float:
+        return sum(self.kept.values()) / max(1, self.total_weights)
+
+
+class _Captured(Exception):
+    """Stops the model's forward once the first block's inputs are recorded."""
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, sequences: list[Tensor], progress: bool = True) -> BlockInputs:
+    """Run the model up to its first decoder block for every sequence (one at a time)."""
+    first = find_decoder_blocks(model)[0]
+    device = next(model.parameters()).device
+    inputs = BlockInputs([], [])
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        inputs.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        inputs.kwargs.append(kwargs)
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in tqdm(sequences, desc="block inputs", disable=not progress, leave=False):
+            try:
+                model(input_ids=ids[None].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return inputs
+
+
+def _block_output(output: Tensor | tuple) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
+    """The block's output for every sequence."""
+    return [_block_output(block(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+
+
+@torch.no_grad()
+def linear_groups(block: nn.Module, inputs: BlockInputs) -> list[list[str]]:
+    """The block's Linears grouped by the input tensor they read, in execution order."""
+    linears = find_linears(block)
+    calls: list[tuple[str, Tensor]] = []  # holding the tensors keeps their identity unique
+    hooks = [
+        linear.register_forward_pre_hook(lambda m, args, name=name: calls.append((name, args[0])))
+        for name, linear in linears.items()
+    ]
+    try:
+        block(inputs.hidden[0], **inputs.kwargs[0])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups: list[tuple[Tensor, list[str]]] = []
+    for name, x in calls:
+        group = next((names for tensor, names in groups if tensor is x), None)
+        if group is None:
+            groups.append((x, [name]))
+        elif name not in group:
+            group.append(name)
+    seen = {name for _, names in groups for name in names}
+    if seen != set(linears):
+        raise RuntimeError(f"Linear layers never called in a forward pass: {sorted(set(linears) - seen)}")
+    return [names for _, names in groups]
+
+
+@torch.no_grad()
+def collect_hessians(block: nn.Module, names: list[str], inputs: BlockInputs) -> dict[str, Tensor]:
+    """H = (2/n) sum x x^T of the inputs of the named Linears over all sequences."""
+    accumulators: dict[str, HessianAccumulator] = {}
+    hooks = []
+    for name in names:
+        linear = block.get_submodule(name)
+        accumulator = HessianAccumulator(linear.in_features, device=linear.weight.device)
+        accumulators[name] = accumulator
+        hooks.append(linear.register_forward_pre_hook(lambda m, args, acc=accumulator: acc.add_batch(args[0])))
+    try:
+        run_block(block, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: acc.H for name, acc in accumulators.items()}
+
+
+def quantize_weight(
+    W: Tensor, H: Tensor | None, method: str, settings: QuantSettings, keep: Tensor | None = None
+) -> QuantResult:
+    """One weight matrix by GPTQ (needs H) or round-to-nearest, ``keep`` entries left in 16 bits."""
+    if method == "gptq":
+        if H is None:
+            raise ValueError("GPTQ needs the layer's Hessian")
+        return gptq_quantize(W, H, settings.bits, keep_mask=keep, group_size=settings.group_size,
+                             block_size=settings.block_size, percdamp=settings.percdamp,
+                             act_order=settings.act_order, mse=settings.mse)
+    W = W.float()
+    if keep is None:
+        return rtn_quantize(W, settings.bits, settings.group_size, mse=settings.mse)
+    grid = rtn_quantize(fill_kept(W, keep), settings.bits, settings.group_size, mse=settings.mse)
+    return replace(grid, dequantized=torch.where(keep, W, grid.dequantized), keep_mask=keep)
+
+
+LayerFn = Callable[[str, nn.Module, str, Tensor | None], None]
+
+
+def sequential_pass(
+    model: nn.Module,
+    sequences: list[Tensor],
+    layer_fn: LayerFn,
+    need_hessians: bool,
+    on_copies: bool,
+    desc: str,
+    progress: bool = True,
+    on_block_end: Callable[[nn.Module], None] | None = None,
+) -> None:
+    """Visit every decoder Linear in order, block by block, calling ``layer_fn(full_name, block, name, H)``.
+
+    ``layer_fn`` quantizes the layer in ``block`` in place; with ``need_hessians`` each block's inputs
+    come from the blocks already processed. ``on_copies`` works on a copy of each block so the model
+    itself is left untouched. ``on_block_end(block)`` runs once the block's outputs are computed.
+    """
+    inputs = capture_block_inputs(model, sequences, progress) if need_hessians else None
+    blocks = named_decoder_blocks(model)
+    for index, (prefix, original) in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
+        block = copy.deepcopy(original) if on_copies else original
+        groups = linear_groups(block, inputs) if inputs is not None else [[n] for n in find_linears(block)]
+        for group in groups:
+            hessians = collect_hessians(block, group, inputs) if inputs is not None else {}
+            for name in group:
+                layer_fn(f"{prefix}.{name}", block, name, hessians.get(name))
+        if inputs is not None and index + 1 < len(blocks):
+            inputs.hidden = run_block(block, inputs)
+        if on_block_end is not None:
+            on_block_end(block)
+
+
+def saliency_scores(
+    model: nn.Module,
+    sequences: list[Tensor],
+    settings: QuantSettings,
+    grad_abs_sum: dict[str, Tensor] | None,
+    score_device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """Every decoder Linear's saliency under ``settings.saliency``; Q(W) and H from a reference pass."""
+    needs = NEEDS[settings.saliency]
+    linears = decoder_linears(model)
+    order = {name: i for i, name in enumerate(linears)}
+    scores: dict[str, Tensor] = {}
+
+    def score_layer(full: str, weight: Tensor, quantized: Tensor | None, hessian: Tensor | None) -> None:
+        grads = None if grad_abs_sum is None else grad_abs_sum[full].to(weight.device)
+        stats = LayerStats(weight, grads, quantized, hessian, seed=settings.seed + order[full])
+        scores[full] = score(settings.saliency, stats).to(score_device)
+
+    if not needs & {"quantized", "hessian"}:
+        for full, linear in linears.items():
+            score_layer(full, linear.weight.detach(), None, None)
+        return scores
+
+    def reference_layer(full: str, block: nn.Module, name: str, H: Tensor | None) -> None:
+        linear = block.get_submodule(name)
+        result = quantize_weight(linear.weight, H, settings.reference, settings)
+        score_layer(full, linear.weight.detach(), result.dequantized, H)
+        linear.weight.data.copy_(result.dequantized)  # later layers see the quantized copy
+
+    need_h = settings.reference == "gptq" or "hessian" in needs
+    sequential_pass(model, sequences, reference_layer, need_h, on_copies=True, desc="reference pass", progress=progress)
+    return dict(sorted(scores.items(), key=lambda item: order[item[0]]))
+
+
+def _check_gradients(model: nn.Module, grad_abs_sum: dict[str, Tensor] | None) -> None:
+    if grad_abs_sum is None:
+        raise ValueError("this saliency needs the accumulated gradients A (grad_abs_sum)")
+    for name, linear in decoder_linears(model).items():
+        if name not in grad_abs_sum:
+            raise ValueError(f"no accumulated gradient for {name}")
+        if grad_abs_sum[name].shape != linear.weight.shape:
+            raise ValueError(f"A[{name}] has shape {tuple(grad_abs_sum[name].shape)}, "
+                             f"the weight {tuple(linear.weight.shape)}")
+
+
+def quantize_model(
+    model: nn.Module,
+    sequences: list[Tensor],
+    settings: QuantSettings,
+    grad_abs_sum: dict[str, Tensor] | None = None,
+    score_device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> QuantSummary:
+    """Quantize every decoder Linear of ``model`` in place (swapped for :class:`QuantLinear`).
+
+    ``sequences`` are the calibration token ids (1-D each); ``grad_abs_sum`` maps full Linear names
+    (``model.layers.0.self_attn.q_proj``) to A when the saliency needs it.
+    """
+    if not sequences and (settings.quantizer == "gptq" or settings.keeps_outliers):
+        raise ValueError("no calibration sequences")
+    if settings.needs_gradients:
+        _check_gradients(model, grad_abs_sum)
+    was_training = model.training
+    model.eval()
+    summary = QuantSummary(settings=asdict(settings))
+    masks: dict[str, Tensor] | None = None
+    if settings.keeps_outliers:
+        start = time.perf_counter()
+        scores = saliency_scores(model, sequences, settings, grad_abs_sum, score_device, progress)
+        summary.seconds["saliency"] = time.perf_counter() - start
+        start = time.perf_counter()
+        masks = global_topk_mask(scores, settings.fraction)
+        del scores
+        summary.seconds["mask"] = time.perf_counter() - start
+    dtype = getattr(torch, settings.outlier_dtype)
+
+    packed: dict[str, QuantLinear] = {}  # of the current block, swapped in when the block is done
+
+    def final_layer(full: str, block: nn.Module, name: str, H: Tensor | None) -> None:
+        linear = block.get_submodule(name)
+        keep = None if masks is None else masks[full].to(linear.weight.device)
+        result = quantize_weight(linear.weight, H, settings.quantizer, settings, keep)
+        packed[name] = QuantLinear.from_result(result, linear.bias, dtype)
+        # until the swap, the dense layer computes with exactly the stored weights (and is faster than
+        # decoding the packed codes at every call of the remaining Hessian and output passes)
+        linear.weight.data.copy_(packed[name].dequantize())
+        if linear.bias is not None:
+            linear.bias.data.copy_(packed[name].bias)
+        summary.kept[full] = 0 if keep is None else int(keep.sum())
+        summary.total_weights += linear.weight.numel()
+
+    def swap_packed(block: nn.Module) -> None:
+        for name, module in packed.items():
+            block.set_submodule(name, module)
+        packed.clear()
+
+    start = time.perf_counter()
+    sequential_pass(model, sequences, final_layer, settings.quantizer == "gptq", on_copies=False,
+                    desc=f"{'masked ' if masks else ''}{settings.quantizer.upper()} {settings.bits}-bit",
+                    progress=progress, on_block_end=swap_packed)
+    summary.seconds["quantize"] = time.perf_counter() - start
+    model.train(was_training)
+    return summary

@@ -1,0 +1,32 @@
+"""Task-circuit quantization from the command line: ``python quantize.py fit --config configs/demo_tacq.yaml``.
+
+A LightningCLI over :class:`lit_tacq.module.CalibrationModule` and
+:class:`lit_tacq.calibration.CalibrationDataModule`; the :class:`callbacks.tacq.TaCQCallback` named in
+the config's ``trainer.callbacks`` accumulates gradients during the one calibration epoch and writes the
+packed model at its end. The tokenizer follows the model; the calibration is exactly one epoch.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from lightning.pytorch.cli import LightningCLI
+
+from lit_tacq.calibration import CalibrationDataModule
+from lit_tacq.module import CalibrationModule
+
+
+class QuantizeCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+        parser.set_defaults({"trainer.max_epochs": 1})
+
+
+def main(args: list[str] | None = None) -> QuantizeCLI:
+    # the model stays in eval mode on purpose: per-example gradients of the deterministic network
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+    return QuantizeCLI(CalibrationModule, CalibrationDataModule, save_config_kwargs={"overwrite": True}, args=args)
+
+
+if __name__ == "__main__":
+    main()
