@@ -25,7 +25,7 @@ from transformers.initialization import no_init_weights
 from lit_tacq.qlinear import FORMAT_BUFFERS, QuantLinear
 
 FORMAT = "lit_tacq.packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-row counts of kept weights instead of an int32 row pointer
 WEIGHTS_FILE = "model.safetensors"
 QUANT_FILE = "quantization.json"
 
@@ -47,6 +47,7 @@ def _module_entry(module: QuantLinear) -> dict[str, Any]:
         "group_size": module.group_size,
         "nnz": module.outlier_values.numel(),
         "outlier_dtype": _dtype_name(module.outlier_values.dtype),
+        "counts_dtype": _dtype_name(module.outlier_row_counts.dtype),
         "bias": module.bias is not None,
     }
 
@@ -79,8 +80,8 @@ def measured_bits_per_weight(source: nn.Module | str | Path) -> float:
 def accounted_bits_per_weight(model: nn.Module) -> float:
     """Spec §2's accounting over the model's QuantLinear layers: b bits per code, 32 bits per kept weight
     (16 value + 16 index) and 32 bits of fp16 scale + zero per row or group. The stored format also has
-    a CSR row pointer (32 bits per row), which the formula leaves out: compare with
-    :func:`measured_bits_per_weight` to see its share (32 / d_in bits, large only for narrow layers)."""
+    a count of kept weights per row (8 bits almost always), which the formula leaves out: compare with
+    :func:`measured_bits_per_weight` to see its share (8 / d_in bits)."""
     modules = quantized_modules(model).values()
     n_weights = sum(m.in_features * m.out_features for m in modules)
     if n_weights == 0:
@@ -154,6 +155,7 @@ def load_quantized(
             bias=entry["bias"],
             dtype=getattr(torch, entry["outlier_dtype"]),
             device=device,
+            counts_dtype=getattr(torch, entry["counts_dtype"]),
         )
         model.set_submodule(name, shell)
     load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))

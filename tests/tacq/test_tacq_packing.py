@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lit_tacq.packing import SUPPORTED_BITS, pack_codes, to_sparse_outliers, unpack_codes
+from lit_tacq.packing import SUPPORTED_BITS, count_dtype, pack_codes, to_sparse_outliers, unpack_codes
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
@@ -51,7 +51,8 @@ def test_sparse_outliers_round_trip_and_csr_layout():
     sparse = to_sparse_outliers(values, mask, torch.bfloat16)
     assert sparse.values.dtype == torch.bfloat16
     assert sparse.col_idx.dtype == torch.int16
-    assert sparse.row_ptr.dtype == torch.int32
+    assert sparse.row_counts.dtype == torch.uint8
+    assert sparse.row_counts.tolist() == [2, 0, 1]
     assert sparse.row_ptr.tolist() == [0, 2, 2, 3]
     assert sparse.col_idx.tolist() == [1, 3, 0]
     assert sparse.values.float().tolist() == [1.5, 3.5, 8.5]
@@ -67,3 +68,12 @@ def test_wide_layers_use_int32_column_indices():
     assert sparse.col_idx.dtype == torch.int32
     assert sparse.col_idx.tolist() == [cols - 1]
     assert torch.equal(sparse.mask(2, cols), mask)
+
+
+def test_row_counts_widen_when_a_row_holds_many_kept_weights():
+    assert count_dtype(255) == torch.uint8 and count_dtype(256) == torch.int16 and count_dtype(40_000) == torch.int32
+    mask = torch.zeros(3, 600, dtype=torch.bool)
+    mask[1, :300] = True
+    sparse = to_sparse_outliers(torch.randn(3, 600), mask)
+    assert sparse.row_counts.dtype == torch.int16 and sparse.row_counts.tolist() == [0, 300, 0]
+    assert torch.equal(sparse.mask(3, 600), mask)
