@@ -111,9 +111,10 @@ def main() -> None:
     parser.add_argument("--benchmark", choices=sorted(DATAMODULES), default="counterfact")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--edits-per-round", type=int, default=20)
-    parser.add_argument("--epochs-per-round", type=int, default=5)
+    parser.add_argument("--epochs-per-round", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=3e-3,
+                        help="the world's default; the paper's 2e-4 leaves the 1.7M-parameter model unedited")
     parser.add_argument("--rho", type=float, default=0.05)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lora-r", type=int, default=8)
