@@ -241,9 +241,8 @@ def verdicts(fp: dict[str, float], rows: list[dict[str, Any]], n_facts: int) -> 
                 notes.append(f"  vs {rival} ({other['bits_measured']:.2f} bits, {other['accuracy']:.3f}): "
                              f"{100 * delta:+.1f} points, {verdict}")
         gap = tacq["bits_measured"] / tacq["bits_accounted"] - 1
-        notes.append(f"  stored bits vs spec §2 accounting: {100 * gap:+.1f} % (target within 2 %; the gap is the "
-                     "per-row count of kept weights, 8 bits per output row, and code padding, which the formula "
-                     "leaves out)")
+        notes.append(f"  stored bits vs spec §2 accounting: {100 * gap:+.1f} % (target within 2 %; the gap is code "
+                     "padding to 32 codes per row and zero fillers between far-apart kept weights)")
         gptq = by.get(("gptq", bits))
         if gptq is not None and fp["accuracy"] - gptq["accuracy"] < 2 * se:
             notes.append(f"  plain GPTQ stays within noise of fp32 at {bits} bits: this setting cannot separate "

@@ -25,7 +25,7 @@ from transformers.initialization import no_init_weights
 from lit_tacq.qlinear import FORMAT_BUFFERS, QuantLinear
 
 FORMAT = "lit_tacq.packed"
-FORMAT_VERSION = 2  # 2: per-row counts of kept weights instead of an int32 row pointer
+FORMAT_VERSION = 3  # 3: kept-weight positions as 16-bit gaps (2: CSR with per-row counts)
 WEIGHTS_FILE = "model.safetensors"
 QUANT_FILE = "quantization.json"
 
@@ -47,7 +47,6 @@ def _module_entry(module: QuantLinear) -> dict[str, Any]:
         "group_size": module.group_size,
         "nnz": module.outlier_values.numel(),
         "outlier_dtype": _dtype_name(module.outlier_values.dtype),
-        "counts_dtype": _dtype_name(module.outlier_row_counts.dtype),
         "bias": module.bias is not None,
     }
 
@@ -79,15 +78,14 @@ def measured_bits_per_weight(source: nn.Module | str | Path) -> float:
 
 def accounted_bits_per_weight(model: nn.Module) -> float:
     """Spec §2's accounting over the model's QuantLinear layers: b bits per code, 32 bits per kept weight
-    (16 value + 16 index) and 32 bits of fp16 scale + zero per row or group. The stored format also has
-    a count of kept weights per row (8 bits almost always), which the formula leaves out: compare with
-    :func:`measured_bits_per_weight` to see its share (8 / d_in bits)."""
+    (16 value + 16 index) and 32 bits of fp16 scale + zero per row or group. The stored bytes differ only
+    by code padding to 32 codes per row (or group) and by filler entries (see ``packing.SparseOutliers``)."""
     modules = quantized_modules(model).values()
     n_weights = sum(m.in_features * m.out_features for m in modules)
     if n_weights == 0:
         raise ValueError("no quantized Linear layers found")
     bits = sum(
-        m.bits * m.in_features * m.out_features + 32 * m.outlier_values.numel() + 32 * m.scale.numel()
+        m.bits * m.in_features * m.out_features + 32 * m.outliers.kept() + 32 * m.scale.numel()
         for m in modules
     )
     return bits / n_weights
@@ -155,7 +153,6 @@ def load_quantized(
             bias=entry["bias"],
             dtype=getattr(torch, entry["outlier_dtype"]),
             device=device,
-            counts_dtype=getattr(torch, entry["counts_dtype"]),
         )
         model.set_submodule(name, shell)
     load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))

@@ -3,9 +3,8 @@
 Buffers (all saved in the state dict):
     qweight          int32  [out, words]   b-bit codes, bit-stream packed per row (packing.py)
     scale, zero      fp16   [out, groups]  grid of each row (groups = 1) or of each column group
-    outlier_values   fp16/bf16 [nnz]       kept weights, CSR by output row
-    outlier_col_idx  int16/int32 [nnz]
-    outlier_row_counts uint8/int16/int32 [out]   kept weights per row (smallest type that fits)
+    outlier_values   fp16/bf16 [nnz]       kept weights in row-major order
+    outlier_gaps     int16 [nnz]           16-bit distance to the previous kept position (packing.py)
     bias             optional, [out]
 
 Format invariant: at a kept position the code is the zero point, which decodes to exactly 0, so
@@ -19,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_tacq.packing import SparseOutliers, index_dtype, pack_codes, packed_words, to_sparse_outliers, unpack_codes
+from lit_tacq.packing import SparseOutliers, pack_codes, packed_words, to_sparse_outliers, unpack_codes
 from lit_tacq.quantizer import QuantResult, dequantize, expand_groups, n_groups
 
 
-FORMAT_BUFFERS = ("qweight", "scale", "zero", "outlier_values", "outlier_col_idx", "outlier_row_counts")
+FORMAT_BUFFERS = ("qweight", "scale", "zero", "outlier_values", "outlier_gaps")
 
 
 @functools.cache
@@ -53,10 +52,9 @@ class QuantLinear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
-        counts_dtype: torch.dtype = torch.uint8,
     ) -> None:
-        """``dtype`` is the dtype of the kept weights and of the bias (float16 or bfloat16);
-        ``counts_dtype`` that of the per-row counts of kept weights (``packing.count_dtype``)."""
+        """``dtype`` is the dtype of the kept weights and of the bias (float16 or bfloat16); ``nnz`` the
+        number of stored kept-weight entries."""
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -68,8 +66,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", empty(out_features, groups, dtype=torch.float16))
         self.register_buffer("zero", empty(out_features, groups, dtype=torch.float16))
         self.register_buffer("outlier_values", empty(nnz, dtype=dtype))
-        self.register_buffer("outlier_col_idx", empty(nnz, dtype=index_dtype(in_features)))
-        self.register_buffer("outlier_row_counts", empty(out_features, dtype=counts_dtype))
+        self.register_buffer("outlier_gaps", empty(nnz, dtype=torch.int16))
         self.register_buffer("bias", empty(out_features, dtype=dtype) if bias else None)
 
     @classmethod
@@ -85,27 +82,26 @@ class QuantLinear(nn.Module):
         outliers = to_sparse_outliers(result.dequantized, keep, dtype)
 
         module = cls(in_features, out_features, result.bits, result.group_size, outliers.nnz, bias is not None, dtype,
-                     device=codes.device, counts_dtype=outliers.row_counts.dtype)
+                     device=codes.device)
         module.qweight = pack_codes(codes, result.bits)
         module.scale = result.scale.to(torch.float16)
         module.zero = result.zero.to(torch.float16)
         module.outlier_values = outliers.values
-        module.outlier_col_idx = outliers.col_idx
-        module.outlier_row_counts = outliers.row_counts
+        module.outlier_gaps = outliers.gaps
         if bias is not None:
             module.bias = bias.detach().to(codes.device, dtype).clone()
         return module
 
     @property
     def outliers(self) -> SparseOutliers:
-        return SparseOutliers(self.outlier_values, self.outlier_col_idx, self.outlier_row_counts)
+        return SparseOutliers(self.outlier_values, self.outlier_gaps, (self.out_features, self.in_features))
 
     def dequantize(self) -> Tensor:
         """The dense float32 weight [out, in]: grid values, plus the kept weights at their positions."""
         codes = unpack_codes(self.qweight, self.bits, self.in_features)
         scale = expand_groups(self.scale.float(), self.group_size, self.in_features)
         zero = expand_groups(self.zero.float(), self.group_size, self.in_features)
-        return dequantize(codes, scale, zero) + self.outliers.to_dense(self.out_features, self.in_features).float()
+        return dequantize(codes, scale, zero) + self.outliers.to_dense().float()
 
     def forward(self, x: Tensor) -> Tensor:
         kernel = _triton_matmul() if x.is_cuda else None

@@ -80,11 +80,11 @@ def _interpreting() -> bool:
 def _outlier_matmul(x: Tensor, outliers: SparseOutliers, out_features: int) -> Tensor:
     """x @ S^T in float32 for the CSR matrix S of kept weights: [M, out_features]."""
     sparse = torch.sparse_csr_tensor(
-        outliers.row_ptr.to(torch.int64),
-        outliers.col_idx.to(torch.int64),
+        outliers.row_ptr(),
+        outliers.row_col()[1],
         outliers.values.float(),
         size=(out_features, x.shape[1]),
-        check_invariants=False,  # built by to_sparse_outliers, valid by construction
+        check_invariants=False,  # row-major by construction
     )
     return (sparse @ x.float().T).T
 

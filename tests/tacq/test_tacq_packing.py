@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lit_tacq.packing import SUPPORTED_BITS, count_dtype, pack_codes, to_sparse_outliers, unpack_codes
+from lit_tacq.packing import GAP_LIMIT, SUPPORTED_BITS, pack_codes, to_sparse_outliers, unpack_codes
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
@@ -45,35 +45,52 @@ def test_pack_rejects_out_of_range_codes():
         pack_codes(torch.tensor([[0]]), 5)
 
 
-def test_sparse_outliers_round_trip_and_csr_layout():
+def test_sparse_outliers_round_trip_and_gap_layout():
     values = torch.arange(12, dtype=torch.float32).view(3, 4) + 0.5
     mask = torch.tensor([[0, 1, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
     sparse = to_sparse_outliers(values, mask, torch.bfloat16)
-    assert sparse.values.dtype == torch.bfloat16
-    assert sparse.col_idx.dtype == torch.int16
-    assert sparse.row_counts.dtype == torch.uint8
-    assert sparse.row_counts.tolist() == [2, 0, 1]
-    assert sparse.row_ptr.tolist() == [0, 2, 2, 3]
-    assert sparse.col_idx.tolist() == [1, 3, 0]
+    assert sparse.values.dtype == torch.bfloat16 and sparse.gaps.dtype == torch.int16
+    # flat positions 1, 3, 8: distances 2, 2, 5 from the previous one (the first from -1), stored minus one
+    assert sparse.gaps.tolist() == [1, 1, 4]
+    assert sparse.positions().tolist() == [1, 3, 8]
+    assert sparse.row_ptr().tolist() == [0, 2, 2, 3]
     assert sparse.values.float().tolist() == [1.5, 3.5, 8.5]
-    assert torch.equal(sparse.to_dense(3, 4).float(), torch.where(mask, values, 0.0))
-    assert torch.equal(sparse.mask(3, 4), mask)
+    assert sparse.kept() == sparse.nnz == 3
+    assert torch.equal(sparse.to_dense().float(), torch.where(mask, values, 0.0))
+    assert torch.equal(sparse.mask(), mask)
 
 
-def test_wide_layers_use_int32_column_indices():
-    cols = 40_000  # beyond int16
-    mask = torch.zeros(2, cols, dtype=torch.bool)
-    mask[1, cols - 1] = True
-    sparse = to_sparse_outliers(torch.ones(2, cols), mask, torch.float16)
-    assert sparse.col_idx.dtype == torch.int32
-    assert sparse.col_idx.tolist() == [cols - 1]
-    assert torch.equal(sparse.mask(2, cols), mask)
+def test_gaps_use_all_sixteen_bits():
+    cols = 40_000 + GAP_LIMIT + 1
+    mask = torch.zeros(1, cols, dtype=torch.bool)
+    mask[0, [0, 40_000, 40_000 + GAP_LIMIT]] = True  # distances 1, 40 000 (> int16 max) and GAP_LIMIT
+    sparse = to_sparse_outliers(torch.ones(1, cols), mask, torch.float16)
+    assert sparse.nnz == 3  # no filler needed up to a distance of exactly GAP_LIMIT
+    assert sparse.positions().tolist() == mask[0].nonzero().squeeze(1).tolist()
+    assert torch.equal(sparse.mask(), mask)
 
 
-def test_row_counts_widen_when_a_row_holds_many_kept_weights():
-    assert count_dtype(255) == torch.uint8 and count_dtype(256) == torch.int16 and count_dtype(40_000) == torch.int32
-    mask = torch.zeros(3, 600, dtype=torch.bool)
-    mask[1, :300] = True
-    sparse = to_sparse_outliers(torch.randn(3, 600), mask)
-    assert sparse.row_counts.dtype == torch.int16 and sparse.row_counts.tolist() == [0, 300, 0]
-    assert torch.equal(sparse.mask(3, 600), mask)
+def test_long_distances_are_bridged_by_zero_fillers():
+    rows, cols = 4, 100_000
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    mask[0, 5] = True
+    mask[3, 99_999] = True  # about 4.6 GAP_LIMITs after the first
+    weights = torch.randn(rows, cols)
+    sparse = to_sparse_outliers(weights, mask)
+    assert sparse.nnz == 2 + 6 and sparse.kept() == 2  # ceil(399 994 / 65 536) - 1 = 6 fillers
+    assert torch.equal(sparse.mask(), mask)
+    assert torch.equal(sparse.to_dense(), torch.where(mask, weights, 0.0).half())
+
+
+def test_kept_zeros_are_not_stored():
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    weights = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]])
+    sparse = to_sparse_outliers(weights, mask)
+    assert sparse.nnz == 3 and sparse.positions().tolist() == [0, 2, 4]
+    assert torch.equal(sparse.to_dense().float(), weights)
+
+
+def test_no_kept_weights():
+    sparse = to_sparse_outliers(torch.randn(3, 5), torch.zeros(3, 5, dtype=torch.bool))
+    assert sparse.nnz == 0 and sparse.row_ptr().tolist() == [0, 0, 0, 0]
+    assert not sparse.mask().any()

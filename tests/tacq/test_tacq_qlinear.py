@@ -66,7 +66,7 @@ def test_stored_bytes_is_exactly_the_buffers():
     module = QuantLinear.from_result(_quantized(out_features, in_features, bits, group_size=32), bias=torch.zeros(24))
     nnz = module.outlier_values.numel()
     words = 3 * bits  # 72 codes -> 3 periods of 32 -> 3 * bits words
-    expected = out_features * words * 4 + 2 * out_features * 3 * 2 + nnz * (2 + 2) + out_features * 1
+    expected = out_features * words * 4 + 2 * out_features * 3 * 2 + nnz * (2 + 2)
     assert module.stored_bytes() == expected
     assert module.stored_bytes(include_bias=True) == expected + 24 * 2
 
@@ -78,7 +78,7 @@ def test_bits_per_weight_matches_the_paper_accounting(bits):
     measured = 8 * module.stored_bytes() / (out_features * in_features)
     p_actual = module.outlier_values.numel() / (out_features * in_features)
     accounting = bits + p_actual * 32 + 32 / in_features  # b + p (16 value + 16 index bits) + fp16 scale, zero
-    assert measured == pytest.approx(accounting, rel=0.02)
+    assert measured == pytest.approx(accounting, rel=1e-12)  # 2048 codes need no padding: nothing else is stored
 
 
 def test_empty_shell_loads_the_state_dict():
