@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--epochs-per-round", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=3e-3,
-                        help="the world's default; the paper's 2e-4 leaves the 1.7M-parameter model unedited")
+                        help="the world's default; the paper's 2e-4 leaves the world model unedited (README)")
     parser.add_argument("--rho", type=float, default=0.05)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lora-r", type=int, default=8)

@@ -37,11 +37,13 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def answer_scores(
+def answer_outcomes(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], batch_size: int = 64
-) -> tuple[float, float]:
-    """(exact-match accuracy, mean negative log-likelihood in nats per answer token) over the pairs."""
-    correct, nll, tokens = 0, 0.0, 0
+) -> tuple[list[bool], float]:
+    """(exact match of every pair's answer under teacher forcing, mean negative log-likelihood in nats per
+    answer token); per-pair outcomes let two models be compared fact by fact."""
+    correct: list[bool] = []
+    nll, tokens = 0.0, 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = _device(model)
     for start in range(0, len(pairs), batch_size):
@@ -54,13 +56,20 @@ def answer_scores(
             positions = torch.arange(len(prompt) - 1, len(prompt) + len(answer) - 1, device=device)
             targets = torch.tensor(answer, device=device)
             row = logprobs[r, positions]
-            correct += bool((row.argmax(-1) == targets).all())
+            correct.append(bool((row.argmax(-1) == targets).all()))
             nll -= row.gather(1, targets[:, None]).sum().item()
             tokens += len(answer)
-    return correct / len(pairs), nll / tokens
+    return correct, nll / tokens
 
 
-@torch.no_grad()
+def answer_scores(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], batch_size: int = 64
+) -> tuple[float, float]:
+    """(exact-match accuracy, mean negative log-likelihood in nats per answer token) over the pairs."""
+    correct, nll = answer_outcomes(model, tokenizer, pairs, batch_size)
+    return sum(correct) / len(pairs), nll
+
+
 def text_nll(model: nn.Module, windows: list[Tensor], batch_size: int = 8) -> float:
     """Mean next-token negative log-likelihood (nats) over equal-length token windows."""
     total, count = 0.0, 0
