@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning.pytorch as L
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lit_corsa.evaluation import PROTOCOLS
 from lit_corsa.metrics import forgetting
@@ -43,6 +43,18 @@ def summarise(history: dict[int, dict[str, Any]]) -> dict[str, Any]:
         if len(rounds) > 1:
             summary["forgetting"][name] = forgetting(table)
     return summary
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """The summary as aligned text (metric, immediate, final, forgetting) for the end-of-run printout."""
+    names = sorted(summary["final"])
+    width = max(len("metric"), *(len(n) for n in names))
+    lines = [f"{'metric':<{width}}  immediate   final  forgetting"]
+    for name in names:
+        forgot = summary["forgetting"].get(name)
+        lines.append(f"{name:<{width}}  {summary['immediate'][name]:>9.3f}  {summary['final'][name]:>6.3f}  "
+                     + (f"{forgot:>10.3f}" if forgot is not None else f"{'-':>10}"))
+    return "\n".join(lines)
 
 
 def plot_history(history: dict[int, dict[str, Any]], path: Path, title: str = "") -> None:
@@ -126,8 +138,14 @@ class EditReport(L.Callback):
             plot_history(self.history, run_dir / "metrics.png", f"{payload['method']} on {payload['data']}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.save_adapter(pl_module, self.run_dir(trainer))
+        if not trainer.is_global_zero:
+            return
+        run_dir = self.run_dir(trainer)
+        self.save_adapter(pl_module, run_dir)
+        if self.history:
+            rank_zero_info(f"\n{pl_module.hparams.get('method')} after {len(self.history)} round(s) (forgetting as "
+                           f"spec §6, positive = forgotten; protocols in metrics.json):\n"
+                           f"{summary_table(summarise(self.history))}\nresults in {run_dir}")
 
     def save_adapter(self, pl_module: L.LightningModule, run_dir: Path) -> None:
         adapter_dir = run_dir / "adapter"

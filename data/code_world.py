@@ -189,6 +189,11 @@ _SPECS: tuple[_UpdateSpec, ...] = (
     ),
 )
 
+# Plain statements with the values the new keywords take, so that every token of a new-API solution
+# has been read in pretraining (an LLM knows ``True`` and ``2``; only the update itself is new to it).
+# Without them those tokens keep random embeddings that a LoRA on the Linear layers cannot reach.
+KEYWORD_VALUE_TEXTS = ("done = True", "done = False", "step = 2", "step = 1")
+
 _THINGS = ("apples", "stones", "coins", "books", "lamps", "birds", "ships", "cards")
 
 
@@ -228,10 +233,12 @@ def _build_update(spec: _UpdateSpec, rng: random.Random) -> CodeUpdate:
         for phrasing in spec.new_problems
         for thing in things[4:6]
     )
+    # Half the old-API programs spell the default out (``math.comb(n, k, repetition=False)``), as real
+    # code does: pretraining then knows the keyword's tokens, and the update changes what they mean.
     old_programs = tuple(
-        f"{_problem(phrasing.format(things=thing))} {_program(spec, None)}"
+        f"{_problem(phrasing.format(things=thing))} {_program(spec, spec.default if i % 2 else None)}"
         for phrasing in spec.old_problems
-        for thing in things[:4]
+        for i, thing in enumerate(things[:4])
     )
     return CodeUpdate(
         function_path=f"math.{spec.function}",

@@ -17,7 +17,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from data.code_world import CodeUpdate, build_code_updates
+from data.code_world import KEYWORD_VALUE_TEXTS, CodeUpdate, build_code_updates
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,8 @@ class World:
         return self.relations[fact.relation_id].templates[fact.heldout_template]
 
     def pretraining_texts(self) -> Iterator[str]:
-        """Every sentence the world model is trained on: seen templates, all questions, old-API code."""
+        """Every sentence the world model is trained on: seen templates, all questions, old-API code and
+        the plain statements that show the new keywords' values (``code_world.KEYWORD_VALUE_TEXTS``)."""
         for fact in self.facts:
             prompts = self.seen_templates(fact) + list(self.relations[fact.relation_id].questions)
             for prompt in prompts:
@@ -165,6 +166,8 @@ class World:
         for update in self.code_updates:
             for text in update.pretraining_texts():
                 yield text
+        if self.code_updates:
+            yield from KEYWORD_VALUE_TEXTS
 
     def probes(self, heldout: bool) -> list[tuple[str, str]]:
         """(prompt, answer) pairs: each fact under its held-out template, or under one seen template."""

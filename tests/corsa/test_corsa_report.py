@@ -2,7 +2,7 @@
 
 import pytest
 
-from callbacks.edit_report import plot_history, summarise
+from callbacks.edit_report import plot_history, summarise, summary_table
 
 HISTORY = {
     0: {"all": {"ES": 0.9}, "by_edit_round": {0: {"ES": 0.9}}},
@@ -26,3 +26,13 @@ def test_single_round_has_no_forgetting():
 def test_plot_is_written(tmp_path):
     plot_history(HISTORY, tmp_path / "m.png", "title")
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_table_lists_every_metric_with_its_three_numbers():
+    summary = summarise(HISTORY)
+    lines = summary_table(summary).splitlines()
+    assert lines[0].split() == ["metric", "immediate", "final", "forgetting"]
+    for line, name in zip(lines[1:], sorted(summary["final"])):
+        cells = line.split()
+        assert cells[0] == name
+        assert [float(c) for c in cells[1:]] == [round(summary[k][name], 3) for k in ("immediate", "final", "forgetting")]

@@ -1,6 +1,7 @@
 """The synthetic world: determinism, shape, the build pipeline, and the committed world model's knowledge."""
 
 import json
+import re
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -40,6 +41,22 @@ def test_world_shape(world):
         held_out = f"{world.heldout_template(fact).format(fact.subject)} {fact.object} ."
         assert held_out not in texts
         assert f"{world.seen_templates(fact)[0].format(fact.subject)} {fact.object} ." in texts
+
+
+def test_pretraining_reads_every_word_of_the_edit_targets(world):
+    """A word the model never read keeps its random (tied) embedding, which a LoRA on the Linear layers
+    cannot make it produce: every word of a new answer must occur somewhere in pretraining."""
+    from data.world_writers import counterfact_records
+
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"\w+|[^\w\s]+", text))
+
+    read = set().union(*(words(text) for text in world.pretraining_texts()))
+    for update in world.code_updates:
+        for example in update.examples:
+            assert words(example.ref_solution) <= read, example.ref_solution
+    for record in counterfact_records(world, 40):
+        assert words(record["requested_rewrite"]["target_new"]["str"]) <= read
 
 
 def test_edits_are_counterfactual_and_neighbours_share_the_truth(world):
