@@ -208,8 +208,9 @@ def markdown_table(fp: dict[str, float], rows: list[dict[str, Any]]) -> str:
              f"| fp32 | 32 | 32 | 32 | {fp['accuracy']:.3f} | 100.0 | {fp['answer_nll']:.3f} | - | - |"]
     for r in rows:
         accounted = f"{r['bits_accounted']:.3f}" if r.get("bits_accounted") else "-"
+        method = r["method"].replace("|", "\\|")  # "ablation |g|*|dW|" must not split the table's cells
         lines.append(
-            f"| {r['method'].replace('|', chr(92) + '|')} | {r['bits']} | {r['bits_measured']:.3f} | {accounted} | {r['accuracy']:.3f} | "
+            f"| {method} | {r['bits']} | {r['bits_measured']:.3f} | {accounted} | {r['accuracy']:.3f} | "
             f"{100 * share_of_fp(r['accuracy'], fp):.1f} | {r['answer_nll']:.3f} | {r['seconds']:.1f} | "
             f"{r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)

@@ -124,12 +124,12 @@ class SparseOutliers:
         cols = self.shape[1]
         return positions // cols, positions % cols
 
-    def row_ptr(self) -> Tensor:
-        """CSR row pointer (int64 [rows + 1]) for sparse kernels."""
-        rows, _ = self.row_col()
+    def csr(self) -> tuple[Tensor, Tensor]:
+        """CSR row pointer (int64 [rows + 1]) and column indices (int64 [nnz]) for sparse kernels."""
+        rows, cols = self.row_col()
         ptr = torch.zeros(self.shape[0] + 1, dtype=torch.int64, device=self.values.device)
         ptr[1:] = torch.bincount(rows, minlength=self.shape[0]).cumsum(0)
-        return ptr
+        return ptr, cols
 
     def mask(self) -> Tensor:
         """Dense boolean mask of the kept positions (fillers excluded)."""

@@ -79,9 +79,10 @@ def _interpreting() -> bool:
 
 def _outlier_matmul(x: Tensor, outliers: SparseOutliers, out_features: int) -> Tensor:
     """x @ S^T in float32 for the CSR matrix S of kept weights: [M, out_features]."""
+    row_ptr, col_idx = outliers.csr()
     sparse = torch.sparse_csr_tensor(
-        outliers.row_ptr(),
-        outliers.row_col()[1],
+        row_ptr,
+        col_idx,
         outliers.values.float(),
         size=(out_features, x.shape[1]),
         check_invariants=False,  # row-major by construction
