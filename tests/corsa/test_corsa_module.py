@@ -16,17 +16,18 @@ from lit_corsa.module import EditModule
 EPOCHS = 4  # per round
 
 
-def _run(tiny_assets, tmp_path, *, method="corsa", rounds=3, stop_after=None, ckpt_path=None, fresh=False):
+def _run(tiny_assets, tmp_path, *, method="corsa", rounds=3, stop_after=None, ckpt_path=None, fresh=False,
+         precision="32-true", dtype="float32"):
     root, _ = tiny_assets
     L.seed_everything(0, verbose=False)
     dm = CounterFactDataModule(source=str(root / "world" / "counterfact.json"), tokenizer=str(root / "model"),
                                num_updates=rounds, edits_per_update=4, epochs_per_update=EPOCHS, batch_size=2)
     module = EditModule(model_name_or_path=str(root / "model"), method=method, learning_rate=1e-2, warmup_steps=1,
                         lora_r=4, lora_alpha=8, generation=True, max_new_tokens=4,
-                        fresh_optimizer_per_round=fresh)
+                        fresh_optimizer_per_round=fresh, dtype=dtype)
     epochs = EPOCHS * (stop_after if stop_after is not None else rounds)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, check_val_every_n_epoch=EPOCHS,
+        accelerator="cpu", devices=1, precision=precision, max_epochs=epochs, check_val_every_n_epoch=EPOCHS,
         reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
         callbacks=[EditReport(output_dir=str(tmp_path / "run"), merge_adapter=True),
@@ -78,6 +79,19 @@ def test_resume_mid_sequence_matches_uninterrupted(tiny_assets, tmp_path):
         for scope in ("all",):
             for name, value in a[scope].items():
                 assert b[scope][name] == pytest.approx(value, abs=1e-6), (a["eval_round"], name)
+
+
+def test_bf16_base_with_bf16_mixed_precision_edits_and_keeps_the_base(tiny_assets, tmp_path):
+    """The real-model configs' setting: a bf16 base under bf16-mixed autocast, fp32 LoRA weights."""
+    base = {n: p.clone() for n, p in AutoModelForCausalLM.from_pretrained(tiny_assets[0] / "model",
+                                                                          dtype=torch.bfloat16).named_parameters()}
+    _, module, metrics = _run(tiny_assets, tmp_path, precision="bf16-mixed", dtype="bfloat16")
+    lora = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    frozen = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+              for n, p in module.model.named_parameters() if not p.requires_grad}
+    assert all(p.dtype == torch.bfloat16 and torch.equal(p, base[n]) for n, p in frozen.items())  # SAM left it alone
+    assert metrics["summary"]["immediate"]["ES"] > 0.5
 
 
 @pytest.mark.parametrize("method", ["lora", "easyedit_dpo"])
