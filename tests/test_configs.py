@@ -38,6 +38,19 @@ def test_method_overlays_compose(overlay, capsys, monkeypatch):
     assert f"method: {overlay.stem}" in printed
 
 
+@pytest.mark.parametrize("script", sorted((ROOT / "configs" / "slurm").glob("*.sbatch")), ids=lambda p: p.name)
+def test_slurm_scripts_launch_a_command_that_parses(script, capsys, monkeypatch):
+    srun = [line for line in script.read_text().splitlines() if line.startswith("srun python train.py fit")]
+    assert len(srun) == 1, "one srun line per script"
+    args = srun[0].split()[4:]  # after "srun python train.py fit"
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module("train").main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "num_nodes: 2" in printed and "strategy: ddp" in printed
+
+
 def test_readme_quick_start():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
