@@ -99,6 +99,7 @@ class EditModule(L.LightningModule):
         base = load_causal_lm(hp.model_name_or_path, hp.dtype, hp.load_in_4bit)
         self.model = wrap_with_lora(base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
                                     hp.gradient_checkpointing)
+        self.model.train()  # from_pretrained returns eval mode; train as HF's Trainer does (the base's dropout on)
         self.tokenizer = load_tokenizer(hp.model_name_or_path)
 
     @property
