@@ -1,6 +1,7 @@
 """EditModule end to end on a tiny world: sequential rounds, outputs, resume mid-sequence."""
 
 import json
+from pathlib import Path
 
 import lightning.pytorch as L
 import pytest
@@ -79,6 +80,24 @@ def test_resume_mid_sequence_matches_uninterrupted(tiny_assets, tmp_path):
         for scope in ("all",):
             for name, value in a[scope].items():
                 assert b[scope][name] == pytest.approx(value, abs=1e-6), (a["eval_round"], name)
+
+
+def test_requeued_slurm_job_resumes_from_the_hpc_checkpoint(tiny_assets, tmp_path, monkeypatch):
+    """What a requeued SLURM job does: Lightning saved hpc_ckpt_<n>.ckpt on the signal, and a new fit without
+    ckpt_path picks it up by itself; the sequence then ends as if never interrupted."""
+    _, _, uninterrupted = _run(tiny_assets, tmp_path / "a")
+    trainer, _, _ = _run(tiny_assets, tmp_path / "b", stop_after=1)
+    trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(tmp_path / "b"))  # what SIGUSR1 does
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "corsa", "SLURM_JOB_ID": "1", "SLURM_PROCID": "0",
+                        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(name, value)
+    trainer, _, resumed = _run(tiny_assets, tmp_path / "b")
+    assert type(trainer._accelerator_connector.cluster_environment).__name__ == "SLURMEnvironment"
+    assert Path(trainer.ckpt_path).name == "hpc_ckpt_1.ckpt"  # resumed, not restarted
+    assert [r["eval_round"] for r in resumed["rounds"]] == [0, 1, 2]
+    for a, b in zip(uninterrupted["rounds"], resumed["rounds"]):
+        for name, value in a["all"].items():
+            assert b["all"][name] == pytest.approx(value, abs=1e-6), (a["eval_round"], name)
 
 
 def test_bf16_base_with_bf16_mixed_precision_edits_and_keeps_the_base(tiny_assets, tmp_path):
