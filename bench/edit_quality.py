@@ -74,7 +74,8 @@ def aggregate(results: dict[str, list[dict]]) -> dict[str, dict]:
     table = {}
     for method, runs in results.items():
         row = {}
-        for name in COLUMNS:
+        # ZsRE has no NS (its locality is the token agreement): aggregate what every run measured
+        for name in (n for n in COLUMNS if all(n in r["summary"]["after_last_round"] for r in runs)):
             row[name] = _mean_std([r["summary"]["after_last_round"][name] for r in runs])
             row[f"immediate_{name}"] = _mean_std([r["summary"]["immediate"][name] for r in runs])
             row[f"forgetting_{name}"] = _mean_std([r["summary"]["forgetting"][name] for r in runs])
@@ -91,12 +92,11 @@ def markdown(table: dict[str, dict], args: argparse.Namespace) -> str:
     head = ["method"] + [f"{c} (final)" for c in ("ES", "PS", "NS")] + [
         "gen. tok. acc", "loc. tok. acc", "PS imm.", "forget ES", "forget PS", "step / dpo", "step / lora"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    fmt = lambda ms: f"{ms[0]:.3f} ± {ms[1]:.3f}"  # noqa: E731
     for method, row in table.items():
-        cells = [method, fmt(row["ES"]), fmt(row["PS"]), fmt(row["NS"]), fmt(row["generality_token_acc"]),
-                 fmt(row["locality_token_acc"]), fmt(row["immediate_PS"]), fmt(row["forgetting_ES"]),
-                 fmt(row["forgetting_PS"]), f"{row.get('step_vs_dpo', float('nan')):.2f}",
-                 f"{row.get('step_vs_lora', float('nan')):.2f}"]
+        fmt = lambda key: f"{row[key][0]:.3f} ± {row[key][1]:.3f}" if key in row else "-"  # noqa: E731
+        cells = [method, fmt("ES"), fmt("PS"), fmt("NS"), fmt("generality_token_acc"), fmt("locality_token_acc"),
+                 fmt("immediate_PS"), fmt("forgetting_ES"), fmt("forgetting_PS"),
+                 f"{row.get('step_vs_dpo', float('nan')):.2f}", f"{row.get('step_vs_lora', float('nan')):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\n{args.benchmark}, {args.rounds} rounds x {args.edits_per_round} edits, "
                  f"{args.epochs_per_round} epochs per round, seeds {args.seeds}; final = after the last round over all "
@@ -104,7 +104,7 @@ def markdown(table: dict[str, dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["lora", "sam", "dpo", "corsa", "easyedit_dpo"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "edit_quality.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,6 +135,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "table": table,
                                     "runs": results, "markdown": text}, indent=1) + "\n")
+    return table
 
 
 if __name__ == "__main__":

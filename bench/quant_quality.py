@@ -216,6 +216,29 @@ def markdown_table(fp: dict[str, float], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot_accuracy_vs_bits(result: dict[str, Any], path: Path) -> None:
+    """Task accuracy against measured bits per weight, one line per method across its bit widths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    for method in methods:
+        rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["bits_measured"])
+        style = {"lw": 2.5, "color": "k"} if method == "tacq" else {"lw": 1, "alpha": 0.8}
+        ax.plot([r["bits_measured"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=method, **style)
+    ax.axhline(result["fp32"]["accuracy"], ls=":", color="gray", label="fp32")
+    ax.set_xlabel("measured bits per decoder-Linear weight")
+    ax.set_ylabel(f"task accuracy ({result['evaluation_facts']} held-out facts)")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def difference_se(a: dict[str, Any], b: dict[str, Any], n: int) -> float:
     """Standard error of the accuracy difference of two scored rows over the same n facts: paired, from
     the per-fact outcomes (the facts both get right or both get wrong carry no noise), or, for rows
@@ -346,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["verdicts"] = verdicts(fp, [r for r in rows if r["method"] != "bnb_nf4"], len(pairs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    plot_accuracy_vs_bits(result, args.out.with_suffix(".png"))
 
     print(markdown_table(fp, rows))
     print("\nCPU time of one linear, PyTorch path (decode all codes, then matmul) vs fp32:")

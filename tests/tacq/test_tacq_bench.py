@@ -1,6 +1,8 @@
 import json
 import math
 
+import torch
+
 from bench.quant_quality import difference_se, main
 
 
@@ -8,7 +10,8 @@ def test_bench_runs_end_to_end_on_a_tiny_model(tiny, tmp_path):
     out = tmp_path / "quant_quality.json"
     result = main(["--model", tiny.model_dir, "--task-qa", tiny.task_qa, "--corpus", tiny.corpus, "--bits", "2",
                    "--methods", "gptq", "tacq", "tacq_general", "nf4", "--token-budget", "300", "--window", "32",
-                   "--timing-shapes", "64x32", "--out", str(out)])
+                   "--timing-shapes", "64x32", "--out", str(out),
+                   "--threads", str(torch.get_num_threads())])  # keep the suite's thread count
     saved = json.loads(out.read_text())
     assert [r["method"] for r in saved["rows"]] == ["gptq", "tacq", "tacq_general", "bnb_nf4"]
     rows = {r["method"]: r for r in result["rows"]}
@@ -16,6 +19,7 @@ def test_bench_runs_end_to_end_on_a_tiny_model(tiny, tmp_path):
     assert rows["tacq"]["gradient_seconds"] > 0 and rows["gptq"]["gradient_seconds"] == 0
     assert 4 < rows["bnb_nf4"]["bits_measured"] < 8
     assert saved["linear_timing_cpu"] and saved["verdicts"]
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_paired_standard_error_uses_the_facts_the_methods_disagree_on():

@@ -1,0 +1,22 @@
+"""bench/edit_quality.py end to end on the committed world model, at a size that takes seconds."""
+
+import json
+
+import pytest
+import torch
+
+from bench.edit_quality import main
+
+
+@pytest.mark.parametrize("benchmark", ["counterfact", "zsre"])
+def test_bench_runs_and_reports_every_method(benchmark, tmp_path):
+    out = tmp_path / "edit_quality.json"
+    table = main(["--benchmark", benchmark, "--methods", "lora", "corsa", "--seeds", "0", "--rounds", "2",
+                  "--edits-per-round", "4", "--epochs-per-round", "1", "--batch-size", "4", "--out", str(out),
+                  "--threads", str(torch.get_num_threads())])  # keep the suite's thread count
+    saved = json.loads(out.read_text())
+    assert list(saved["table"]) == ["lora", "corsa"] and set(saved["runs"]) == {"lora", "corsa"}
+    assert table["corsa"]["step_vs_lora"] > 1  # two SAM passes over chosen and rejected answers cost more
+    assert ("NS" in table["corsa"]) == (benchmark == "counterfact")  # ZsRE has no neighbourhood score
+    rows = [line for line in saved["markdown"].splitlines() if line.startswith("| lora") or line.startswith("| corsa")]
+    assert len(rows) == 2 and all(row.count("|") == 12 for row in rows)
