@@ -79,8 +79,8 @@ def unpack_codes(packed: Tensor, bits: int, cols: int) -> Tensor:
     for byte in range(1, bits):
         word = word | (chunks[..., byte] << (8 * byte))
     shifts = torch.arange(0, 8 * bits, bits, dtype=torch.int32, device=packed.device)
-    codes = (word.unsqueeze(-1) >> shifts) & (2**bits - 1)
-    return codes.view(rows, -1)[:, :cols].to(torch.uint8)
+    codes = (word.unsqueeze(-1) >> shifts).to(torch.uint8) & (2**bits - 1)  # the cast keeps the low 8 bits
+    return codes.view(rows, -1)[:, :cols].contiguous()
 
 
 GAP_LIMIT = 2**16  # a step between kept positions is stored as ``step - 1`` in 16 bits

@@ -101,7 +101,9 @@ class QuantLinear(nn.Module):
         codes = unpack_codes(self.qweight, self.bits, self.in_features)
         scale = expand_groups(self.scale.float(), self.group_size, self.in_features)
         zero = expand_groups(self.zero.float(), self.group_size, self.in_features)
-        return dequantize(codes, scale, zero) + self.outliers.to_dense().float()
+        weight = dequantize(codes, scale, zero)
+        outliers = self.outliers
+        return weight.view(-1).index_add_(0, outliers.positions(), outliers.values.float()).view_as(weight)
 
     def forward(self, x: Tensor) -> Tensor:
         kernel = _triton_matmul() if x.is_cuda else None
