@@ -88,6 +88,33 @@ def aggregate(results: dict[str, list[dict]]) -> dict[str, dict]:
     return table
 
 
+def plot_rounds(results: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Score over all edits so far after each round, mean over seeds, one line per method and one panel
+    per probability score: the sequential decay that the table's "final" and "forget" columns summarise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(results.values()))[0]["rounds"][-1]["all"]
+    names = [n for n in ("ES", "PS", "NS") if n in first]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for method, runs in results.items():
+            rounds = [r["eval_round"] for r in runs[0]["rounds"]]
+            means = [statistics.mean(run["rounds"][i]["all"][name] for run in runs) for i in range(len(rounds))]
+            ax.plot(rounds, means, marker="o", lw=2.5 if method == "corsa" else 1.2, label=method)
+        ax.set_title(f"{name}, all edits so far")
+        ax.set_xlabel("after round")
+        ax.set_xticks(rounds)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def markdown(table: dict[str, dict], args: argparse.Namespace) -> str:
     head = ["method"] + [f"{c} (final)" for c in ("ES", "PS", "NS")] + [
         "gen. tok. acc", "loc. tok. acc", "PS imm.", "forget ES", "forget PS", "step / dpo", "step / lora"]
@@ -135,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "table": table,
                                     "runs": results, "markdown": text}, indent=1) + "\n")
+    plot_rounds(results, args.out.with_suffix(".png"), f"{args.benchmark}: mean over seeds {args.seeds}, lr "
+                f"{args.learning_rate}")
     return table
 
 

