@@ -41,7 +41,7 @@ from lit_tacq.calibration import (
     text_windows,
     tokenize_text,
 )
-from lit_tacq.evaluation import answer_outcomes
+from data.scoring import answer_outcomes
 from lit_tacq.io import accounted_bits_per_weight, load_quantized, measured_bits_per_weight, save_quantized
 from lit_tacq.layers import decoder_linears
 from lit_tacq.module import freeze_all_but_decoder_linears

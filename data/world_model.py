@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from data.scoring import answer_accuracy
 from data.sources import MODEL_DIR, WORLD_DIR
 from data.world import World, WorldConfig, build_world
 from data.world_writers import write_world_files
@@ -148,30 +149,6 @@ def pretrain(world: World, config: PretrainConfig = PretrainConfig(), progress: 
     bar.close()
     model.eval()
     return model, tokenizer
-
-
-@torch.no_grad()
-def answer_accuracy(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[str, str]], batch_size: int = 128
-) -> float:
-    """Fraction of (prompt, answer) pairs whose every answer token is the model's argmax, teacher-forced
-    (the same as greedy decoding of the answer span)."""
-    correct = 0
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        prompts = [tokenizer(p)["input_ids"] for p, _ in chunk]
-        answers = [tokenizer(" " + a, add_special_tokens=False)["input_ids"] for _, a in chunk]
-        rows = [p + a for p, a in zip(prompts, answers)]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)] = torch.tensor(row)
-        logits = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits
-        predictions = logits.argmax(-1)
-        for r, (prompt, answer) in enumerate(zip(prompts, answers)):
-            span = range(len(prompt) - 1, len(prompt) + len(answer) - 1)
-            correct += all(predictions[r, t].item() == answer[i] for i, t in enumerate(span))
-    return correct / len(pairs)
 
 
 def chance_accuracy(world: World) -> float:
