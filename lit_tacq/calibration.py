@@ -22,7 +22,6 @@ Lightning's DistributedSampler splits it without repeating (and so double counti
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,8 +34,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from data.sources import load_tokenizer
-from data.sources import is_local, resolve
+from data.formats import RecordReader, read_records
+from data.sources import is_local, load_tokenizer, resolve
 from data.tokenization import IGNORE_INDEX, AnswerTokenizer
 
 TASK_FIELDS = ("prompt", "answer", "split")
@@ -61,22 +60,15 @@ class EvaluationData:
     windows: list[Tensor] = field(default_factory=list)
 
 
-def read_task_records(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
-    """Records of a task JSONL file, optionally only those of ``split``; malformed lines raise with their place."""
+def read_task_records(path: str | Path, split: str | None = None) -> list[dict[str, str]]:
+    """The ``{"prompt", "answer", "split"}`` records of a task JSONL file, optionally only those of ``split``;
+    a bad file or record fails with the file, record and field (``data.formats``)."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({error.msg})") from error
-            missing = [key for key in TASK_FIELDS if not isinstance(record.get(key), str)]
-            if missing:
-                raise ValueError(f"{path}:{line_no}: field(s) {missing} missing or not a string; expected {TASK_FIELDS}")
-            if split is None or record["split"] == split:
-                records.append(record)
+    for index, record in enumerate(read_records(path)):
+        reader = RecordReader(str(path), index, record)
+        fields = {key: reader.string(key) for key in TASK_FIELDS}
+        if split is None or fields["split"] == split:
+            records.append(fields)
     if not records:
         raise ValueError(f"{path} has no records" + (f" in split {split!r}" if split else ""))
     return records
