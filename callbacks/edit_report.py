@@ -101,11 +101,17 @@ class EditReport(L.Callback):
         self.output_dir, self.merge_adapter, self.plot = output_dir, merge_adapter, plot
         self.history: dict[int, dict[str, Any]] = {}
         self.test_scores: dict[str, Any] | None = None
+        self._run_dir: Path | None = None
 
-    def run_dir(self, trainer: L.Trainer) -> Path:
-        path = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # on every rank: trainer.log_dir is a collective (a broadcast from rank 0) under DDP and FSDP, so
+        # asking for it inside a rank-zero-only write would leave rank 0 waiting for the others forever
+        self._run_dir = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+
+    def run_dir(self) -> Path:
+        assert self._run_dir is not None, "Lightning calls setup() before any hook that writes"
+        self._run_dir.mkdir(parents=True, exist_ok=True)
+        return self._run_dir
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
@@ -120,7 +126,7 @@ class EditReport(L.Callback):
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        run_dir = self.run_dir(trainer)
+        run_dir = self.run_dir()
         payload: dict[str, Any] = {
             "method": pl_module.hparams.get("method"),
             "objective": asdict(pl_module.objective) if hasattr(pl_module, "objective") else None,
@@ -140,7 +146,7 @@ class EditReport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        run_dir = self.run_dir(trainer)
+        run_dir = self.run_dir()
         self.save_adapter(pl_module, run_dir)
         if self.history:
             rank_zero_info(f"\n{pl_module.hparams.get('method')} after {len(self.history)} round(s) (forgetting as "
