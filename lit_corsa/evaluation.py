@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
+import torch.distributed as dist
 from peft import PeftModel
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
@@ -69,17 +70,23 @@ def solution_passes(test: ProgramTest, body: str, timeout_s: float = 10.0) -> bo
 
 
 class ProbeEvaluator(nn.Module):
-    """Holds one set of torchmetrics per scope ("all" and each edit round) and fills them from batches."""
+    """Holds one set of torchmetrics per scope ("all" and each edit round) and fills them from batches.
+
+    ``lockstep``: the model is sharded (FSDP), so every forward is a collective and all ranks must run the
+    same ones: a conditional forward (the unedited model, generation, code sampling) runs on every rank
+    when any rank needs it, a rank without rows for it runs its whole batch and discards the result, and
+    generation keeps stepping until every rank is done (``synced_gpus``).
+    """
 
     def __init__(self, num_rounds: int, pass_k: tuple[int, ...] = (1,), code_samples: int = 5,
                  code_temperature: float = 0.8, max_new_tokens: int = 16, code_max_new_tokens: int = 128,
-                 sandbox_timeout_s: float = 10.0, generation: bool = True) -> None:
+                 sandbox_timeout_s: float = 10.0, generation: bool = True, lockstep: bool = False) -> None:
         super().__init__()
         if code_samples < max(pass_k):
             raise ValueError(f"pass@{max(pass_k)} needs at least that many samples, code_samples={code_samples}")
         self.pass_k, self.code_samples, self.code_temperature = pass_k, code_samples, code_temperature
         self.max_new_tokens, self.code_max_new_tokens = max_new_tokens, code_max_new_tokens
-        self.sandbox_timeout_s, self.generation = sandbox_timeout_s, generation
+        self.sandbox_timeout_s, self.generation, self.lockstep = sandbox_timeout_s, generation, lockstep
         self.scopes = ["all"] + [f"round_{r}" for r in range(num_rounds)]
         self.metrics = nn.ModuleDict({scope: self._metric_set() for scope in self.scopes})
 
@@ -110,6 +117,16 @@ class ProbeEvaluator(nn.Module):
             keep = rows & (edit_round == r)
             self.metrics[f"round_{r}"][name].update(*(select(a, keep) for a in args))
 
+    def _rows_to_run(self, wanted: Tensor) -> Tensor | None:
+        """Row indices to run a conditional forward on, or None to skip it (see the class docstring)."""
+        needed = wanted.any()
+        if self.lockstep and dist.is_initialized():
+            needed = needed.to(torch.int32)
+            dist.all_reduce(needed, op=dist.ReduceOp.MAX)
+        if not bool(needed):
+            return None
+        return wanted.nonzero().squeeze(1) if bool(wanted.any()) else torch.arange(len(wanted), device=wanted.device)
+
     @torch.no_grad()
     def update(self, model: PeftModel, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> None:
         kinds = batch["kind"]
@@ -130,7 +147,7 @@ class ProbeEvaluator(nn.Module):
         self._update("reliability_token_acc", is_kind["efficacy"], edit_round, target_logits, target["labels"])
         self._update("generality_token_acc", is_kind["paraphrase"], edit_round, target_logits, target["labels"])
         keep_rows = is_kind["neighborhood"] | is_kind["locality"]
-        if bool(keep_rows.any()):
+        if self._rows_to_run(keep_rows) is not None:
             with model.disable_adapter():
                 before = model(input_ids=target["input_ids"], attention_mask=target["attention_mask"]).logits
             # labels = the unedited model's own predictions at the answer positions
@@ -140,24 +157,22 @@ class ProbeEvaluator(nn.Module):
             self._update("locality_token_acc", keep_rows, edit_round, target_logits, unchanged)
         if self.generation:
             self._score_generations(model, batch, tokenizer, is_kind, edit_round)
-        if bool(is_kind["program"].any()):
-            self._score_programs(model, batch, tokenizer, is_kind["program"], edit_round)
+        self._score_programs(model, batch, tokenizer, is_kind["program"], edit_round)
 
     def _generate(self, model: PeftModel, prompt: dict[str, Tensor], tokenizer: PreTrainedTokenizerBase,
                   max_new_tokens: int, samples: int = 1, temperature: float | None = None) -> list[str]:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature else {"do_sample": False}
         out = model.generate(
             input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], max_new_tokens=max_new_tokens,
-            num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id, **sampling,
+            num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id, synced_gpus=self.lockstep, **sampling,
         )
         return tokenizer.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def _score_generations(self, model: PeftModel, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
                            is_kind: dict[str, Tensor], edit_round: Tensor) -> None:
-        wanted = is_kind["efficacy"] | is_kind["paraphrase"]
-        if not bool(wanted.any()):
+        index = self._rows_to_run(is_kind["efficacy"] | is_kind["paraphrase"])
+        if index is None:
             return
-        index = wanted.nonzero().squeeze(1)
         prompt = {k: v[index] for k, v in batch["prompt"].items()}
         texts = self._generate(model, prompt, tokenizer, self.max_new_tokens)
         generations = [""] * len(batch["probes"])
@@ -171,12 +186,16 @@ class ProbeEvaluator(nn.Module):
 
     def _score_programs(self, model: PeftModel, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
                         is_program: Tensor, edit_round: Tensor) -> None:
-        index = is_program.nonzero().squeeze(1)
+        index = self._rows_to_run(is_program)
+        if index is None:
+            return
         prompt = {k: v[index] for k, v in batch["prompt"].items()}
         bodies = self._generate(model, prompt, tokenizer, self.code_max_new_tokens, self.code_samples,
                                 self.code_temperature)
         correct = torch.zeros(len(batch["probes"]), dtype=torch.long)
         for position, row in enumerate(index.tolist()):
+            if not bool(is_program[row]):  # rows run only to keep the ranks in lockstep
+                continue
             test = batch["probes"][row].program
             for body in bodies[position * self.code_samples : (position + 1) * self.code_samples]:
                 correct[row] += solution_passes(test, body, self.sandbox_timeout_s)

@@ -10,6 +10,8 @@ passes per update (SAM); the maths lives in :mod:`lit_corsa.step`, this module o
 - gradient accumulation is ours (Lightning's ``accumulate_grad_batches`` does not apply to manual
   optimisation); under DDP each rank computes its merged gradient without synchronisation and the
   accumulated update is all-reduced once before the optimiser step;
+- under ``ModelParallelStrategy`` (FSDP2) the frozen base is sharded over the ranks and the adapter is
+  not (:mod:`lit_corsa.sharding`), so the step and the all-reduce are the same as under DDP;
 - the learning-rate schedule (linear warm-up, linear decay) restarts with every round, because every
   round is an editing job of its own; ``fresh_optimizer_per_round`` also clears AdamW's moments.
 """
@@ -32,6 +34,7 @@ from lit_corsa.losses import sequence_logprobs
 from data.sources import load_causal_lm, load_tokenizer
 from lit_corsa.lora import wrap_with_lora
 from lit_corsa.objectives import resolve_objective
+from lit_corsa.sharding import data_parallel_mesh, shard_frozen_base
 from lit_corsa.step import EditStep
 
 
@@ -96,10 +99,15 @@ class EditModule(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
+        if self.device_mesh is not None and hp.load_in_4bit:
+            raise ValueError("load_in_4bit and FSDP sharding (ModelParallelStrategy) do not combine: bitsandbytes' "
+                             "packed 4-bit weights cannot be sharded by fully_shard; use one or the other")
         base = load_causal_lm(hp.model_name_or_path, hp.dtype, hp.load_in_4bit)
         self.model = wrap_with_lora(base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
                                     hp.gradient_checkpointing)
         self.model.train()  # from_pretrained returns eval mode; train as HF's Trainer does (the base's dropout on)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the frozen base
+            shard_frozen_base(self.model, data_parallel_mesh(self.device_mesh))
         self.tokenizer = load_tokenizer(hp.model_name_or_path)
 
     @property
@@ -125,7 +133,7 @@ class EditModule(L.LightningModule):
         hp = self.hparams
         self.evaluator = ProbeEvaluator(
             dm.num_updates, tuple(hp.pass_k), hp.code_samples, hp.code_temperature, hp.max_new_tokens,
-            hp.code_max_new_tokens, hp.sandbox_timeout_s, hp.generation,
+            hp.code_max_new_tokens, hp.sandbox_timeout_s, hp.generation, lockstep=self.device_mesh is not None,
         )
         total = sum(len(r.requests) for round_ in dm.rounds for r in round_)
         self._reference = torch.full((total, 2), float("nan"))
@@ -138,10 +146,12 @@ class EditModule(L.LightningModule):
         if self.trainer.accumulate_grad_batches != 1:
             raise ValueError("set model.accumulate instead of trainer.accumulate_grad_batches (manual optimisation)")
         strategy = type(self.trainer.strategy).__name__
-        if strategy not in ("SingleDeviceStrategy", "DDPStrategy"):
+        if strategy not in ("SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrategy"):
             raise ValueError(f"{strategy} is not supported by the CoRSA step (it takes gradients with autograd.grad "
-                             "on the LoRA parameters and all-reduces them itself): use a single device or DDP; "
-                             "for a base model too large for one GPU, use load_in_4bit")
+                             "on the LoRA parameters and all-reduces them itself): use a single device, DDP, or "
+                             "ModelParallelStrategy(data_parallel_size=<world size>, tensor_parallel_size=1) to "
+                             "shard the frozen base with FSDP2 (configs/strategies/fsdp_node.yaml); Lightning's "
+                             "FSDPStrategy would shard the adapter too")
         ddp = self.trainer.model if hasattr(self.trainer.model, "require_backward_grad_sync") else None
         if ddp is not None:  # we all-reduce the merged update ourselves, once per optimiser step
             ddp.require_backward_grad_sync = False

@@ -38,6 +38,12 @@ def test_method_overlays_compose(overlay, capsys, monkeypatch):
     assert f"method: {overlay.stem}" in printed
 
 
+@pytest.mark.parametrize("overlay", sorted((ROOT / "configs" / "strategies").glob("*.yaml")), ids=lambda p: p.name)
+def test_strategy_overlays_compose_with_the_8b_config(overlay, capsys, monkeypatch):
+    printed = _print_config(capsys, monkeypatch, ROOT / "configs" / "llama3_8b_counterfact.yaml", overlay)
+    assert "ModelParallelStrategy" in printed and "tensor_parallel_size: 1" in printed
+
+
 @pytest.mark.parametrize("script", sorted((ROOT / "configs" / "slurm").glob("*.sbatch")), ids=lambda p: p.name)
 def test_slurm_scripts_launch_a_command_that_parses(script, capsys, monkeypatch):
     srun = [line for line in script.read_text().splitlines() if line.startswith("srun python train.py fit")]

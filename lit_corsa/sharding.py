@@ -1,0 +1,60 @@
+"""FSDP for editing: shard the frozen base model, keep the LoRA adapter whole on every rank.
+
+The CoRSA step takes its two task gradients with ``torch.autograd.grad`` on the adapter and projects,
+perturbs and restores them as whole tensors. Sharding the *base* with FSDP2 (``fully_shard``, one unit per
+decoder block plus the root) gives the memory saving that matters (the base is >99 % of the weights),
+while the adapter is excluded from sharding (``ignored_params``): its gradients are then ordinary
+tensors, PCGrad and SAM run unchanged, and the module all-reduces the merged update once per optimiser
+step exactly as under DDP. FSDP's hooks all-gather each block's weights for the forward and again for
+every backward (including the second vector-Jacobian product on a retained graph), so a sharded run
+computes the same numbers as a DDP run.
+
+Every rank must run the same forwards in the same order (each one all-gathers), which the evaluator
+respects in ``lockstep`` mode and ``generate`` with ``synced_gpus``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+from lit_tacq.layers import find_decoder_blocks
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D data-parallel mesh of Lightning's ``ModelParallelStrategy``; tensor parallelism is refused
+    because the LoRA adapter is not split across tensor-parallel ranks here."""
+    if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() != 1:
+        raise ValueError(
+            f"tensor parallelism is not supported for editing (tensor_parallel_size={mesh['tensor_parallel'].size()}): "
+            "use ModelParallelStrategy(data_parallel_size=<world size>, tensor_parallel_size=1), which shards the "
+            "frozen base over all ranks (FSDP2)"
+        )
+    return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+
+
+def shard_frozen_base(model: nn.Module, mesh: DeviceMesh) -> None:
+    """``fully_shard`` every decoder block and the root over ``mesh``, leaving the trainable parameters
+    out, and make the adapter identical on every rank (rank 0's initialisation)."""
+    adapter = [p for p in model.parameters() if p.requires_grad]  # in module order: the same on every rank
+    if not adapter:
+        raise ValueError("no trainable parameters to keep out of sharding: wrap the model with LoRA first")
+    for block in find_decoder_blocks(model):
+        fully_shard(block, mesh=mesh, ignored_params=set(adapter))
+    fully_shard(model, mesh=mesh, ignored_params=set(adapter))
+    register_fsdp_forward_method(model, "generate")  # generate() bypasses forward(); all-gather for it too
+    if dist.is_initialized():
+        with torch.no_grad():
+            for p in adapter:
+                dist.broadcast(p.data, group=mesh.get_group(), group_src=0)
+    sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
+    rank_zero_info(
+        f"FSDP2: frozen base sharded over {mesh.size()} rank(s), {sum(p.to_local().numel() for p in sharded):,} of "
+        f"{sum(p.numel() for p in sharded):,} weights on this rank; LoRA adapter replicated "
+        f"({sum(p.numel() for p in adapter):,} weights)"
+    )
