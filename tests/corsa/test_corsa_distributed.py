@@ -111,3 +111,11 @@ def test_fsdp_resume_mid_sequence_matches_uninterrupted(runs, tmp_path):
     stored = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     weights = [k for k in stored if k.startswith("state_dict.")]
     assert weights and all("lora_" in k for k in weights)  # the adapter only, never the frozen base
+
+
+def test_fsdp_with_a_bf16_base_bf16_mixed_and_gradient_checkpointing_edits(runs):
+    """The combination the 8B config composed with configs/strategies/fsdp_node.yaml uses."""
+    fsdp, log = runs("fsdp_bf16", "corsa", *FSDP, "--trainer.precision", "bf16-mixed", "--model.dtype", "bfloat16",
+                     "--model.gradient_checkpointing", "true")
+    assert "FSDP2: frozen base sharded over 2 rank(s)" in log
+    assert fsdp["summary"]["after_last_round"]["ES"] >= 0.75
