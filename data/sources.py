@@ -2,7 +2,7 @@
 
 ``world:<name>`` names a file or model of the embedded world (``world:model``, ``world:counterfact``, ...)
 and resolves to the committed asset, so configs work from any directory. Anything else is a local path
-when it exists, otherwise a hub id handed to ``from_pretrained`` / ``load_dataset`` unchanged. The two
+when it exists, otherwise a hub id handed to ``from_pretrained`` / ``load_dataset`` unchanged. The
 loaders below are the only places the project turns such a name into a model or a tokenizer.
 """
 
@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase,
+)
 
 WORLD_PREFIX = "world:"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -60,6 +62,22 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", load_in_4bit: bool
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES.get(dtype, torch.bfloat16)
         )
     return AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
+
+
+def empty_causal_lm(name_or_path: str, dtype: str = "float32") -> PreTrainedModel:
+    """The architecture of ``name_or_path`` on the meta device, reading only its config: for ranks that
+    receive their weights from rank 0 (FSDP), so a node never holds more than one full copy."""
+    if dtype not in DTYPES and dtype != "auto":
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES) + ['auto']}")
+    path = resolve(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": DTYPES[dtype]} if dtype in DTYPES else {}))
+    try:  # from_pretrained reads generation_config.json too; without it, generation would differ by rank
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # the model has none: from_config derived the same defaults from_pretrained would
+        pass
+    return model
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

@@ -10,8 +10,9 @@ passes per update (SAM); the maths lives in :mod:`lit_corsa.step`, this module o
 - gradient accumulation is ours (Lightning's ``accumulate_grad_batches`` does not apply to manual
   optimisation); under DDP each rank computes its merged gradient without synchronisation and the
   accumulated update is all-reduced once before the optimiser step;
-- under ``ModelParallelStrategy`` (FSDP2) the frozen base is sharded over the ranks and the adapter is
-  not (:mod:`lit_corsa.sharding`), so the step and the all-reduce are the same as under DDP;
+- under ``ModelParallelStrategy`` (FSDP2) the frozen base is read by rank 0 only and sharded over the
+  ranks, and the adapter is not (:mod:`lit_corsa.sharding`), so the step and the all-reduce are the same
+  as under DDP;
 - the learning-rate schedule (linear warm-up, linear decay) restarts with every round, because every
   round is an editing job of its own; ``fresh_optimizer_per_round`` also clears AdamW's moments.
 """
@@ -28,13 +29,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from data.base import EditDataModule
+from data.sources import empty_causal_lm, load_causal_lm, load_tokenizer
 from data.tokenization import RequestCollator
 from lit_corsa.evaluation import ProbeEvaluator, metric_names
 from lit_corsa.losses import sequence_logprobs
-from data.sources import load_causal_lm, load_tokenizer
 from lit_corsa.lora import wrap_with_lora
 from lit_corsa.objectives import resolve_objective
-from lit_corsa.sharding import data_parallel_mesh, shard_frozen_base
+from lit_corsa.sharding import data_parallel_mesh, loads_weights, shard_from_rank0
 from lit_corsa.step import EditStep
 
 
@@ -99,15 +100,19 @@ class EditModule(L.LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
-        if self.device_mesh is not None and hp.load_in_4bit:
+        mesh = data_parallel_mesh(self.device_mesh) if self.device_mesh is not None else None  # FSDP2
+        if mesh is not None and hp.load_in_4bit:
             raise ValueError("load_in_4bit and FSDP sharding (ModelParallelStrategy) do not combine: bitsandbytes' "
                              "packed 4-bit weights cannot be sharded by fully_shard; use one or the other")
-        base = load_causal_lm(hp.model_name_or_path, hp.dtype, hp.load_in_4bit)
+        if mesh is None or loads_weights(mesh):
+            base = load_causal_lm(hp.model_name_or_path, hp.dtype, hp.load_in_4bit)
+        else:
+            base = empty_causal_lm(hp.model_name_or_path, hp.dtype)
         self.model = wrap_with_lora(base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
                                     hp.gradient_checkpointing)
         self.model.train()  # from_pretrained returns eval mode; train as HF's Trainer does (the base's dropout on)
-        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the frozen base
-            shard_frozen_base(self.model, data_parallel_mesh(self.device_mesh))
+        if mesh is not None:
+            shard_from_rank0(self.model, mesh)
         self.tokenizer = load_tokenizer(hp.model_name_or_path)
 
     @property

@@ -1,5 +1,6 @@
-"""One rank of tests/corsa/test_corsa_fsdp.py (run by torchrun): shards the world model's frozen base,
-then compares the CoRSA step, generation and the adapter with an unsharded copy; writes rank<N>.json."""
+"""One rank of tests/corsa/test_corsa_fsdp.py (run by torchrun): rank 0 loads the world model, rank 1
+builds it on the meta device, both shard it; then the CoRSA step, generation and the adapter are compared
+with an unsharded copy of rank 0's model; writes rank<N>.json."""
 
 import copy
 import json
@@ -11,11 +12,11 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from data.sources import load_causal_lm
+from data.sources import empty_causal_lm, load_causal_lm
 from data.tokenization import EncodedRequest, RequestCollator
 from lit_corsa.lora import wrap_with_lora
 from lit_corsa.objectives import resolve_objective
-from lit_corsa.sharding import data_parallel_mesh, shard_frozen_base
+from lit_corsa.sharding import data_parallel_mesh, shard_from_rank0
 from lit_corsa.step import EditStep
 
 
@@ -23,21 +24,18 @@ def main(out_dir: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = wrap_with_lora(load_causal_lm("world:model"), 4, 8)
-    for name, p in model.named_parameters():  # LoRA B starts at zero; give it values so every path matters
+    reference = wrap_with_lora(load_causal_lm("world:model"), 4, 8)
+    for name, p in reference.named_parameters():  # LoRA B starts at zero; give it values so every path matters
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
-    reference = copy.deepcopy(model)  # rank 0's adapter, unsharded
-    if rank == 1:  # a rank whose adapter initialisation differs must end up with rank 0's
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(1.0)
+    # rank 0 holds the weights; rank 1 only the architecture, on the meta device (no weights read or allocated)
+    model = copy.deepcopy(reference) if rank == 0 else wrap_with_lora(empty_causal_lm("world:model"), 4, 8)
+    result = {"meta_before_sharding": all(p.is_meta for p in model.parameters())}
     mesh = init_device_mesh("cpu", (2,))
-    shard_frozen_base(model, mesh)
+    shard_from_rank0(model, mesh)
     adapter = [p for p in model.parameters() if p.requires_grad]
     adapter_ref = [p for p in reference.parameters() if p.requires_grad]
-    result = {
+    result |= {
         "base_sharded": all(isinstance(p, DTensor) for p in model.parameters() if not p.requires_grad),
         "local_base_weights": sum(p.to_local().numel() for p in model.parameters() if isinstance(p, DTensor)),
         "base_weights": sum(p.numel() for p in reference.parameters() if not p.requires_grad),
@@ -56,7 +54,7 @@ def main(out_dir: Path) -> None:
     # gradient checkpointing (the 8B configs use it): recomputation inside backward all-gathers again
     checkpointed = wrap_with_lora(load_causal_lm("world:model"), 4, 8, gradient_checkpointing=True)
     checkpointed.load_state_dict(reference.state_dict())
-    shard_frozen_base(checkpointed, mesh)
+    shard_from_rank0(checkpointed, mesh)
     checkpointed.train(), reference.train()
     grads_ckpt, _ = step(checkpointed, [p for p in checkpointed.parameters() if p.requires_grad], batch, logps)
     grads_ref, _ = step(reference, adapter_ref, batch, logps)

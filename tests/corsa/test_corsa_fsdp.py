@@ -1,5 +1,5 @@
-"""FSDP for editing (lit_corsa.sharding), on 2 CPU processes with gloo: the frozen base is really sharded,
-the adapter is rank 0's on every rank, and the CoRSA step (two autograd.grad calls on one retained graph,
+"""FSDP for editing (lit_corsa.sharding), on 2 CPU processes with gloo: rank 1 starts from an empty (meta)
+model and receives rank 0's weights, the frozen base is really sharded, the adapter is rank 0's, and the CoRSA step (two autograd.grad calls on one retained graph,
 SAM's second pass, with and without gradient checkpointing) and generation give what the unsharded model gives."""
 
 import json
@@ -21,6 +21,7 @@ def test_sharded_base_gives_the_unsharded_step_and_generation(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["meta_before_sharding"] == (rank == 1)
         assert r["base_sharded"] and r["adapter_plain"]
         assert r["local_base_weights"] < 0.6 * r["base_weights"]  # about half of the base on each of 2 ranks
         assert r["adapter_is_rank0s"], rank

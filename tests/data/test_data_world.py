@@ -4,9 +4,10 @@ import json
 import re
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data.sources import MODEL_DIR, WORLD_DIR, WORLD_FILES, resolve
+from data.sources import MODEL_DIR, WORLD_DIR, WORLD_FILES, empty_causal_lm, load_causal_lm, resolve
 from data.world import RELATIONS, WorldConfig, build_world
 from data.world_model import evaluate_world_model, load_card
 from data.world_writers import write_world_files
@@ -89,6 +90,16 @@ def test_world_aliases_resolve():
     assert resolve("meta-llama/Meta-Llama-3-8B") == "meta-llama/Meta-Llama-3-8B"
     with pytest.raises(ValueError, match="unknown world source 'world:nope'"):
         resolve("world:nope")
+
+
+def test_empty_model_has_the_loaded_architecture_and_generation_config_without_weights():
+    loaded = load_causal_lm("world:model", "bfloat16")
+    empty = empty_causal_lm("world:model", "bfloat16")
+    assert all(p.is_meta and p.dtype == torch.bfloat16 for p in empty.parameters())
+    assert [(n, p.shape) for n, p in empty.named_parameters()] == [(n, p.shape) for n, p in loaded.named_parameters()]
+    assert empty.generation_config.to_dict() == loaded.generation_config.to_dict()
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        empty_causal_lm("world:model", "fp8")
 
 
 def test_committed_world_model_knows_its_world():
