@@ -254,17 +254,20 @@ class EditModule(L.LightningModule):
         self.evaluator.update(self.model, batch, self.tokenizer)
 
     def on_validation_epoch_end(self) -> None:
-        self.last_scores = self._compute_scores()
-        for name, value in self.last_scores["all"].items():  # already reduced over ranks by torchmetrics
-            self.log(f"val/{name}", value, rank_zero_only=True)
+        self._score_and_log("val")
 
     test_step = validation_step
     on_test_epoch_start = on_validation_epoch_start
 
     def on_test_epoch_end(self) -> None:
+        self._score_and_log("test")
+
+    def _score_and_log(self, prefix: str) -> None:
         self.last_scores = self._compute_scores()
+        # torchmetrics already reduced the scores over ranks, so every rank holds the same values and the
+        # mean that sync_dist takes leaves them unchanged (and every rank can monitor them)
         for name, value in self.last_scores["all"].items():
-            self.log(f"test/{name}", value, rank_zero_only=True)
+            self.log(f"{prefix}/{name}", value, sync_dist=True)
 
     def _compute_scores(self) -> dict[str, Any]:
         dm = self.datamodule
