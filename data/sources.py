@@ -49,11 +49,15 @@ def is_local(name_or_path: str) -> bool:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES and dtype != "auto":
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES) + ['auto']}")
+
+
 def load_causal_lm(name_or_path: str, dtype: str = "float32", load_in_4bit: bool = False) -> PreTrainedModel:
     """``from_pretrained`` with a dtype by name ("auto" keeps the checkpoint's); ``load_in_4bit`` gives a
     bitsandbytes NF4 base (QLoRA-style), computing in ``dtype`` (bfloat16 for "auto")."""
-    if dtype not in DTYPES and dtype != "auto":
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES) + ['auto']}")
+    _check_dtype(dtype)
     kwargs: dict = {"dtype": DTYPES.get(dtype, "auto")}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -67,8 +71,7 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", load_in_4bit: bool
 def empty_causal_lm(name_or_path: str, dtype: str = "float32") -> PreTrainedModel:
     """The architecture of ``name_or_path`` on the meta device, reading only its config: for ranks that
     receive their weights from rank 0 (FSDP), so a node never holds more than one full copy."""
-    if dtype not in DTYPES and dtype != "auto":
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES) + ['auto']}")
+    _check_dtype(dtype)
     path = resolve(name_or_path)
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
