@@ -9,6 +9,8 @@ take and the neighbourhood is disturbed, so the scores compared are not all 0 or
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,17 +57,32 @@ FSDP = ("--trainer.devices", "2", "--trainer.strategy", "ModelParallelStrategy",
         "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1")
 
 
-def _fit(out: Path, method: str, *extra: str, batch_size: int = 4) -> tuple[dict, str]:
-    """Runs ``train.py fit``; returns metrics.json and the run's stderr. Two ranks of 4 rows see the same
-    8 edits per step as one process with batches of 8."""
+def _fit(out: Path, method: str, *extra: str, batch_size: int = 4, slurm_tasks: int = 0) -> tuple[dict, str]:
+    """Runs ``train.py fit``; returns metrics.json and rank 0's stderr. Two ranks of 4 rows see the same
+    8 edits per step as one process with batches of 8. ``slurm_tasks``: start that many processes
+    ourselves with the environment srun gives each task (Lightning then launches nothing)."""
     config = out.with_suffix(".yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(CONFIG.format(out=out, method=method, batch_size=batch_size))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "train.py", "fit", "--config", str(config), *extra], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((out / "logs" / "version_0" / "metrics.json").read_text()), result.stderr
+    command = [sys.executable, "train.py", "fit", "--config", str(config), *extra]
+    if not slurm_tasks:
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        stderr = result.stderr
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        slurm = {"SLURM_NTASKS": str(slurm_tasks), "SLURM_NTASKS_PER_NODE": str(slurm_tasks), "SLURM_NODEID": "0",
+                 "SLURM_NODELIST": "localhost", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "corsa", "MASTER_PORT": port}
+        tasks = [subprocess.Popen(command, cwd=ROOT, env={**env, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(slurm_tasks)]
+        outputs = [task.communicate(timeout=300)[1] for task in tasks]
+        for task, output in zip(tasks, outputs):
+            assert task.returncode == 0, output[-3000:]
+        stderr = outputs[0]
+    return json.loads((out / "logs" / "version_0" / "metrics.json").read_text()), stderr
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +128,19 @@ def test_fsdp_resume_mid_sequence_matches_uninterrupted(runs, tmp_path):
     stored = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     weights = [k for k in stored if k.startswith("state_dict.")]
     assert weights and all("lora_" in k for k in weights)  # the adapter only, never the frozen base
+
+
+def test_requeued_slurm_fsdp_job_resumes_from_its_hpc_checkpoint_folder(runs, tmp_path):
+    """What a requeued 2-task SLURM job does: srun starts the ranks, and the fit finds hpc_ckpt_<n>.ckpt (under
+    FSDP a distributed-checkpoint folder) in its run directory by itself and ends as if never interrupted."""
+    uninterrupted, _ = runs("fsdp_corsa", "corsa", *FSDP)
+    out = tmp_path / "job"
+    _fit(out, "corsa", *FSDP, "--trainer.max_steps", "12")
+    # SIGUSR1 makes Lightning save this through the same trainer.save_checkpoint as the epoch-end last.ckpt
+    shutil.copytree(out / "ckpt" / "last.ckpt", out / "hpc_ckpt_1.ckpt")
+    resumed, log = _fit(out, "corsa", *FSDP, slurm_tasks=2)
+    assert "Restored all states from the checkpoint at" in log and "hpc_ckpt_1.ckpt" in log
+    assert resumed["rounds"] == uninterrupted["rounds"]
 
 
 def test_fsdp_with_a_bf16_base_bf16_mixed_and_gradient_checkpointing_edits(runs):
