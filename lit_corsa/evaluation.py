@@ -74,7 +74,7 @@ class ProbeEvaluator(nn.Module):
 
     ``lockstep``: the model is sharded (FSDP), so every forward is a collective and all ranks must run the
     same ones: a conditional forward (the unedited model, generation, code sampling) runs on every rank
-    when any rank needs it, a rank without rows for it runs its whole batch and discards the result, and
+    when any rank needs it, a rank without rows for it runs its first row and discards the result, and
     generation keeps stepping until every rank is done (``synced_gpus``).
     """
 
@@ -119,13 +119,15 @@ class ProbeEvaluator(nn.Module):
 
     def _rows_to_run(self, wanted: Tensor) -> Tensor | None:
         """Row indices to run a conditional forward on, or None to skip it (see the class docstring)."""
-        needed = wanted.any()
+        local = bool(wanted.any())
+        needed = local
         if self.lockstep and dist.is_initialized():
-            needed = needed.to(torch.int32)
-            dist.all_reduce(needed, op=dist.ReduceOp.MAX)
-        if not bool(needed):
+            flag = torch.tensor([int(local)], device=wanted.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            needed = bool(flag)
+        if not needed:
             return None
-        return wanted.nonzero().squeeze(1) if bool(wanted.any()) else torch.arange(len(wanted), device=wanted.device)
+        return wanted.nonzero().squeeze(1) if local else torch.zeros(1, dtype=torch.long, device=wanted.device)
 
     @torch.no_grad()
     def update(self, model: PeftModel, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> None:

@@ -55,9 +55,8 @@ def shard_from_rank0(model: nn.Module, mesh: DeviceMesh) -> None:
     if not adapter:
         raise ValueError("no trainable parameters to keep out of sharding: wrap the model with LoRA first")
     full_state = model.state_dict() if loads_weights(mesh) else {}
-    for block in find_decoder_blocks(model):
-        fully_shard(block, mesh=mesh, ignored_params=set(adapter))
-    fully_shard(model, mesh=mesh, ignored_params=set(adapter))
+    for module in (*find_decoder_blocks(model), model):  # the blocks first, then the root takes the rest
+        fully_shard(module, mesh=mesh, ignored_params=set(adapter))
     register_fsdp_forward_method(model, "generate")  # generate() bypasses forward(); all-gather for it too
     if not loads_weights(mesh):
         model.to_empty(device=_mesh_device(mesh))
