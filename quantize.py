@@ -4,6 +4,8 @@ A LightningCLI over :class:`lit_tacq.module.CalibrationModule` and
 :class:`lit_tacq.calibration.CalibrationDataModule`; the :class:`callbacks.tacq.TaCQCallback` named in
 the config's ``trainer.callbacks`` accumulates gradients during the one calibration epoch and writes the
 packed model at its end. The tokenizer follows the model; the calibration is exactly one epoch.
+``ckpt_path`` defaults to ``last``: rerunning the same command resumes an interrupted calibration or
+quantization.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.run_checkpoint import resume_by_default
 from lit_tacq.calibration import CalibrationDataModule
 from lit_tacq.module import CalibrationModule
 
@@ -25,7 +28,8 @@ class QuantizeCLI(LightningCLI):
 def main(args: list[str] | None = None) -> QuantizeCLI:
     # the model stays in eval mode on purpose: per-example gradients of the deterministic network
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
-    return QuantizeCLI(CalibrationModule, CalibrationDataModule, save_config_kwargs={"overwrite": True}, args=args)
+    return QuantizeCLI(CalibrationModule, CalibrationDataModule, save_config_kwargs={"overwrite": True}, args=args,
+                       parser_kwargs=resume_by_default("fit"))
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@
 A LightningCLI over :class:`lit_corsa.module.EditModule` and any :class:`data.base.EditDataModule`
 (CounterFact, ZsRE, code updates). The rounds of the sequential protocol are configured once, on the
 data (``num_updates``, ``epochs_per_update``); the trainer's epochs, validation cadence and dataloader
-reloading are derived from them, and the tokenizer follows the model.
+reloading are derived from them, and the tokenizer follows the model. ``ckpt_path`` defaults to ``last``
+(``configs/defaults/resume.yaml``): rerunning the same command resumes the run from the checkpoint that
+:class:`callbacks.run_checkpoint.RunCheckpoint` keeps.
 """
 
 from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
+from callbacks.run_checkpoint import resume_by_default
 from data.base import EditDataModule
 from lit_corsa.module import EditModule
 
@@ -26,7 +29,8 @@ class EditCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    EditCLI(EditModule, EditDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args)
+    EditCLI(EditModule, EditDataModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True}, args=args,
+            parser_kwargs=resume_by_default("fit", "validate", "test"))
 
 
 if __name__ == "__main__":

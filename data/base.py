@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from data.formats import DataFormatError, EditRecord, read_records
+from data.loaders import ResumableLoader
 from data.sources import is_local, load_tokenizer, resolve
 from data.tokenization import AnswerTokenizer, EncodedProbe, EncodedRequest, ProbeCollator, RequestCollator, encode_probe, encode_request
 
@@ -155,16 +156,17 @@ class EditDataModule(L.LightningDataModule):
         if trainer is not None and trainer.training:
             self.current_round = self.round_of_epoch(trainer.current_epoch)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         """This round's requests in an order that is a function of (seed, epoch) only, fixed before the
-        loader exists: a resumed run sees exactly the batches of an uninterrupted one (under DDP,
-        Lightning's distributed sampler then deals this order out to the ranks)."""
+        loader exists, in a loader that skips the batches already done after a mid-epoch resume: a resumed
+        run sees exactly the batches of an uninterrupted one (under DDP, Lightning's distributed sampler
+        then deals this order out to the ranks)."""
         self._sync_round_with_trainer()
         trainer = getattr(self, "trainer", None)
         epoch = trainer.current_epoch if trainer is not None else 0
         requests = self._encoded_requests[self.current_round]
         order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(10_007 * (self.shuffle_seed or 0) + epoch))
-        return DataLoader(
+        return ResumableLoader(
             [requests[i] for i in order.tolist()], batch_size=self.batch_size, shuffle=False,
             collate_fn=RequestCollator(self.pad_id), num_workers=self.num_workers,
         )
@@ -191,20 +193,27 @@ class EditDataModule(L.LightningDataModule):
         return [r for round_requests in self._encoded_requests[: last + 1] for r in round_requests]
 
     # ---- checkpointed state --------------------------------------------------------------------------
+    # what decides which batches a round trains on; a resume with other values would mix two runs
+    RESUME_SETTINGS = ("num_updates", "edits_per_update", "epochs_per_update", "batch_size", "max_length",
+                       "shuffle_seed", "limit", "chat_template", "append_eos")
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "current_round": self.current_round,
-            "num_updates": self.num_updates,
             "records_fingerprint": self.fingerprint if self.rounds else None,
+            "settings": {key: getattr(self, key) for key in self.RESUME_SETTINGS},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not self.rounds:
             self.setup()
-        if state["records_fingerprint"] not in (None, self.fingerprint) or state["num_updates"] != self.num_updates:
+        saved = state.get("settings", {"num_updates": state.get("num_updates")})
+        changed = {k: (v, getattr(self, k)) for k, v in saved.items() if v != getattr(self, k)}
+        if state["records_fingerprint"] not in (None, self.fingerprint) or changed:
             raise ValueError(
                 "the checkpoint was made with different edit data or rounds "
-                f"(fingerprint {state['records_fingerprint']} vs {self.fingerprint}, "
-                f"num_updates {state['num_updates']} vs {self.num_updates})"
+                f"(records fingerprint {state['records_fingerprint']} vs {self.fingerprint}"
+                + "".join(f", {k} {old!r} vs {new!r}" for k, (old, new) in changed.items())
+                + "); start a new run (--ckpt_path null) or restore them"
             )
         self.current_round = state["current_round"]

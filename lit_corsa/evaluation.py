@@ -22,6 +22,7 @@ from data.tokenization import IGNORE_INDEX
 from lit_corsa.losses import sequence_logprobs, token_counts
 from lit_corsa.metrics import GenerationMatch, PassAtK, ProbabilityComparison, TokenAccuracy
 from lit_corsa.sandbox import build_program, run_python
+from lit_corsa.seeding import seeded
 
 PROTOCOLS = {
     "ES": "efficacy: fraction of edit prompts with mean-token log p(new) > log p(old) (ROME), teacher-forced",
@@ -130,7 +131,9 @@ class ProbeEvaluator(nn.Module):
         return wanted.nonzero().squeeze(1) if local else torch.zeros(1, dtype=torch.long, device=wanted.device)
 
     @torch.no_grad()
-    def update(self, model: PeftModel, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> None:
+    def update(self, model: PeftModel, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> None:
+        """Score one batch of probes; ``seed`` fixes the sampled code solutions (a function of the batch's
+        position, so a resumed run samples what an uninterrupted one does)."""
         kinds = batch["kind"]
         edit_round = batch["edit_round"]
         is_kind = {k: kinds == PROBE_KINDS.index(k) for k in PROBE_KINDS}
@@ -159,7 +162,7 @@ class ProbeEvaluator(nn.Module):
             self._update("locality_token_acc", keep_rows, edit_round, target_logits, unchanged)
         if self.generation:
             self._score_generations(model, batch, tokenizer, is_kind, edit_round)
-        self._score_programs(model, batch, tokenizer, is_kind["program"], edit_round)
+        self._score_programs(model, batch, tokenizer, is_kind["program"], edit_round, seed)
 
     def _generate(self, model: PeftModel, prompt: dict[str, Tensor], tokenizer: PreTrainedTokenizerBase,
                   max_new_tokens: int, samples: int = 1, temperature: float | None = None) -> list[str]:
@@ -187,13 +190,14 @@ class ProbeEvaluator(nn.Module):
         self._update("generality_gen", is_kind["paraphrase"], edit_round, generations, answers)
 
     def _score_programs(self, model: PeftModel, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
-                        is_program: Tensor, edit_round: Tensor) -> None:
+                        is_program: Tensor, edit_round: Tensor, seed: int) -> None:
         index = self._rows_to_run(is_program)
         if index is None:
             return
         prompt = {k: v[index] for k, v in batch["prompt"].items()}
-        bodies = self._generate(model, prompt, tokenizer, self.code_max_new_tokens, self.code_samples,
-                                self.code_temperature)
+        with seeded(seed, prompt["input_ids"].device):
+            bodies = self._generate(model, prompt, tokenizer, self.code_max_new_tokens, self.code_samples,
+                                    self.code_temperature)
         correct = torch.zeros(len(batch["probes"]), dtype=torch.long)
         for position, row in enumerate(index.tolist()):
             if not bool(is_program[row]):  # rows run only to keep the ranks in lockstep

@@ -5,8 +5,9 @@ passes per update (SAM); the maths lives in :mod:`lit_corsa.step`, this module o
 
 - the base model is loaded in ``configure_model`` and wrapped in a peft LoRA adapter; only the adapter
   is trainable and only the adapter goes into checkpoints (the frozen base is reloaded from its path);
-- the base model's log-probs of every edit's new and old answer are computed once, when its round
-  starts, with the adapter disabled (never a second forward per step);
+- the base model's log-probs of every edit's new and old answer are computed once, at the first step
+  of its round that needs them (also the first step after a resume), with the adapter disabled (never a
+  second forward per step);
 - gradient accumulation is ours (Lightning's ``accumulate_grad_batches`` does not apply to manual
   optimisation); under DDP each rank computes its merged gradient without synchronisation and the
   accumulated update is all-reduced once before the optimiser step;
@@ -14,7 +15,12 @@ passes per update (SAM); the maths lives in :mod:`lit_corsa.step`, this module o
   ranks, and the adapter is not (:mod:`lit_corsa.sharding`), so the step and the all-reduce are the same
   as under DDP;
 - the learning-rate schedule (linear warm-up, linear decay) restarts with every round, because every
-  round is an editing job of its own; ``fresh_optimizer_per_round`` also clears AdamW's moments.
+  round is an editing job of its own; ``fresh_optimizer_per_round`` also clears AdamW's moments;
+- a resume at any batch continues exactly: the loader skips the batches done (``data.loaders``), a
+  half-accumulated update is in the checkpoint (every rank's), random draws are seeded by position
+  (:mod:`lit_corsa.seeding`), and a checkpoint made with other settings is refused;
+- a non-finite loss, gradient or adapter weight stops the run with an error before anything is
+  stepped or saved (also a checkpoint that holds one).
 """
 
 from __future__ import annotations
@@ -35,8 +41,13 @@ from lit_corsa.evaluation import ProbeEvaluator, metric_names
 from lit_corsa.losses import sequence_logprobs
 from lit_corsa.lora import wrap_with_lora
 from lit_corsa.objectives import resolve_objective
+from lit_corsa.seeding import position_seed
 from lit_corsa.sharding import data_parallel_mesh, loads_weights, shard_from_rank0
 from lit_corsa.step import EditStep
+
+# settings a resumed run may change: they decide how rounds are scored, not what is trained
+EVALUATION_SETTINGS = frozenset({"generation", "max_new_tokens", "pass_k", "code_samples", "code_temperature",
+                                 "code_max_new_tokens", "sandbox_timeout_s", "gradient_checkpointing"})
 
 
 class EditModule(L.LightningModule):
@@ -94,6 +105,7 @@ class EditModule(L.LightningModule):
         self.evaluator: ProbeEvaluator | None = None
         self._accumulated: list[Tensor | None] | None = None
         self._reference: Tensor | None = None  # [num_requests, 2] base log-probs (chosen, rejected); NaN = not yet
+        self._run_seed = 0
 
     # ---- model -----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -142,6 +154,7 @@ class EditModule(L.LightningModule):
         )
         total = sum(len(r.requests) for round_ in dm.rounds for r in round_)
         self._reference = torch.full((total, 2), float("nan"))
+        self._run_seed = torch.initial_seed()  # seed_everything's seed, the same again in a resumed process
         if self.objective.use_dpo and not any(r.old_ids for r in dm.all_requests(dm.num_updates - 1)):
             rank_zero_warn("no edit has an old answer: the DPO margin term will contribute nothing")
 
@@ -186,13 +199,20 @@ class EditModule(L.LightningModule):
 
     # ---- training ----------------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
+        """Not called when Lightning resumes inside an epoch, so it holds nothing a step depends on."""
         dm = self.datamodule
         round_starts = self.current_epoch % dm.epochs_per_update == 0
         if round_starts and self.current_epoch > 0 and self.hparams.fresh_optimizer_per_round:
             self.optimizers().optimizer.state.clear()
-        if self.objective.use_dpo:
-            self._cache_reference(dm)
         self._accumulated = None
+
+    def _reference_for(self, request_ids: Tensor) -> Tensor:
+        """The base log-probs of these requests, computing the current round's at its first step."""
+        rows = self._reference[request_ids.cpu()]
+        if bool(torch.isnan(rows).any()):  # every rank reaches this at the same step (each caches the whole round)
+            self._cache_reference(self.datamodule)
+            rows = self._reference[request_ids.cpu()]
+        return rows.to(self.device)
 
     @torch.no_grad()
     def _cache_reference(self, dm: EditDataModule) -> None:
@@ -214,14 +234,24 @@ class EditModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         hp = self.hparams
-        reference = self._reference[batch["request_id"].cpu()].to(self.device) if self.objective.use_dpo else None
+        torch.manual_seed(position_seed(self._run_seed, "train", self.current_epoch, batch_idx, self.global_rank))
+        reference = self._reference_for(batch["request_id"]) if self.objective.use_dpo else None
         grads, logs = self.step_fn(self.model, self.trainable, batch, reference, scale=1.0 / hp.accumulate)
+        losses = [logs[k] for k in ("sft", "dpo") if k in logs]
+        if not bool(torch.isfinite(torch.stack(losses)).all()):
+            self._fail_non_finite(f"loss ({', '.join(f'{k} {float(logs[k])}' for k in ('sft', 'dpo') if k in logs)})")
         self._accumulate(grads)
         if (batch_idx + 1) % hp.accumulate == 0 or self.trainer.is_last_batch:
             self._optimizer_step()
         batch_size = batch["chosen"]["input_ids"].shape[0]
         self.log_dict({f"train/{k}": v.float() for k, v in logs.items()}, prog_bar=False, batch_size=batch_size)
         self.log("train/round", float(self.datamodule.current_round), batch_size=batch_size)
+
+    def _fail_non_finite(self, what: str) -> None:
+        raise FloatingPointError(
+            f"non-finite {what} at epoch {self.current_epoch} (round {self.datamodule.current_round}), optimiser step "
+            f"{self.global_step}: the run stops before stepping or saving it. Lower model.learning_rate (now "
+            f"{self.hparams.learning_rate}) or check the checkpoint and data this run started from.")
 
     def _accumulate(self, grads: list[Tensor | None]) -> None:
         if self._accumulated is None:
@@ -238,6 +268,8 @@ class EditModule(L.LightningModule):
         if self.trainer.world_size > 1:  # one all-reduce of the whole merged update
             flat = self.trainer.strategy.reduce(torch.cat([g.reshape(-1).float() for g in grads]), reduce_op="mean")
             grads = [chunk.view_as(g).to(g.dtype) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        if not _all_finite(grads):
+            self._fail_non_finite("gradient")
         for p, g in zip(self.trainable, grads):
             p.grad = g
         self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
@@ -245,13 +277,54 @@ class EditModule(L.LightningModule):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         self._accumulated = None
+        if not _all_finite(self.trainable):
+            self._fail_non_finite("adapter weight after the optimiser step")
+
+    # ---- checkpointed state ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A half-accumulated update, every rank's (the hook runs on all ranks; the file is rank 0's)."""
+        checkpoint["edit_accumulated"] = None
+        if self._accumulated is not None:
+            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                              for g, p in zip(self._accumulated, self.trainable)])
+            gathered = self.all_gather(flat) if self.trainer.world_size > 1 else flat[None]
+            checkpoint["edit_accumulated"] = gathered.cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if fitting:
+            self._check_same_settings(checkpoint.get("hyper_parameters", {}))
+        bad = [k for k, v in checkpoint["state_dict"].items() if torch.is_tensor(v) and not bool(torch.isfinite(v).all())]
+        bad += [f"optimizer state {i}" for i, state in enumerate(checkpoint.get("optimizer_states", []))
+                if not _all_finite(t for s in state.get("state", {}).values() for t in s.values() if torch.is_tensor(t))]
+        if bad:
+            raise ValueError(f"the checkpoint holds non-finite values in {', '.join(bad[:5])}"
+                             f"{' ...' if len(bad) > 5 else ''}: it is corrupted or was saved after the run diverged")
+        accumulated = checkpoint.get("edit_accumulated") if fitting else None
+        if accumulated is not None:
+            if accumulated.shape[0] != self.trainer.world_size:
+                raise ValueError(f"the checkpoint was saved halfway through a gradient accumulation by "
+                                 f"{accumulated.shape[0]} processes; resume it with as many (now {self.trainer.world_size})")
+            sizes = [p.numel() for p in self.trainable]
+            self._accumulated = [chunk.view_as(p).to(p) for chunk, p in
+                                 zip(accumulated[self.global_rank].split(sizes), self.trainable)]
+
+    def _check_same_settings(self, saved: dict[str, Any]) -> None:
+        """Resuming with other training settings would silently mix two runs: refuse, naming them."""
+        changed = {k: (saved[k], v) for k, v in self.hparams.items()
+                   if k in saved and k not in EVALUATION_SETTINGS and saved[k] != v}
+        if changed:
+            listed = ", ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in changed.items())
+            raise ValueError(f"the checkpoint to resume was trained with other settings ({listed}); start a new "
+                             "run (--ckpt_path null, or another trainer.logger.init_args.name) or restore them")
 
     # ---- evaluation --------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self.evaluator.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.evaluator.update(self.model, batch, self.tokenizer)
+        seed = position_seed(self._run_seed, "eval", self.datamodule.current_round, batch_idx, self.global_rank)
+        self.evaluator.update(self.model, batch, self.tokenizer, seed)
 
     def on_validation_epoch_end(self) -> None:
         self._score_and_log("val")
@@ -276,3 +349,9 @@ class EditModule(L.LightningModule):
             for r in range(dm.current_round + 1)
         }
         return {"eval_round": dm.current_round, **self.evaluator.compute(names_by_round)}
+
+
+def _all_finite(tensors: Any) -> bool:
+    """One device sync for a whole list of tensors (``None`` entries are skipped)."""
+    flags = [torch.isfinite(t.detach()).all() for t in tensors if t is not None]
+    return not flags or bool(torch.stack(flags).all())

@@ -12,7 +12,7 @@ Two settings (spec §3), both under one token budget:
 One example is one batch: TaCQ needs each example's own gradient (A = sum_n |dL_n/dW|), and batch size 1
 gives it exactly with no padding. The same example list feeds the gradient epoch and both GPTQ passes.
 
-Resuming mid-epoch: the train loader is a :class:`ResumableLoader`, whose position Lightning stores in
+Resuming mid-epoch: the train loader is a :class:`data.loaders.ResumableLoader`, whose position Lightning stores in
 the checkpoint and restores before iterating, so a resumed calibration sees exactly the examples that
 were not yet done; the data module's own state is a fingerprint of the examples, so resuming with other
 data settings fails instead of mixing two example lists. Under DDP the list is padded with empty examples to a multiple of the world size, so
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,10 +30,10 @@ from typing import Any, Literal
 import lightning.pytorch as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from data.formats import RecordReader, read_records
+from data.loaders import ResumableLoader
 from data.sources import is_local, load_tokenizer, resolve
 from data.tokenization import IGNORE_INDEX, AnswerTokenizer
 
@@ -145,35 +144,6 @@ def collate_one(items: list[CalibrationExample | None]) -> dict[str, Tensor]:
         empty = torch.zeros(1, 0, dtype=torch.long)
         return {"input_ids": empty, "labels": empty}
     return {"input_ids": item.input_ids[None], "labels": item.labels[None]}
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader that remembers how many batches of the epoch it has handed out.
-
-    Lightning saves ``state_dict()`` with the fit loop and calls ``load_state_dict()`` before iterating
-    after a restart; the batches already done are then skipped (fetched and dropped: the items are
-    pre-tokenized, so this is cheap).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.batches_done = 0
-        self._skip = 0
-
-    def __iter__(self) -> Iterator[Any]:
-        skip, self._skip = self._skip, 0
-        self.batches_done = skip
-        for index, batch in enumerate(super().__iter__()):
-            if index < skip:
-                continue
-            self.batches_done = index + 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches_done": self.batches_done}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = self.batches_done = int(state["batches_done"])
 
 
 class CalibrationDataModule(L.LightningDataModule):

@@ -6,11 +6,11 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from callbacks.edit_report import EditReport
+from callbacks.run_checkpoint import RunCheckpoint
 from data.counterfact import CounterFactDataModule
 from lit_corsa.module import EditModule
 
@@ -18,24 +18,26 @@ EPOCHS = 4  # per round
 
 
 def _run(tiny_assets, tmp_path, *, method="corsa", rounds=3, stop_after=None, ckpt_path=None, fresh=False,
-         precision="32-true", dtype="float32"):
+         precision="32-true", dtype="float32", learning_rate=1e-2, max_steps=-1):
     root, _ = tiny_assets
     L.seed_everything(0, verbose=False)
     dm = CounterFactDataModule(source=str(root / "world" / "counterfact.json"), tokenizer=str(root / "model"),
                                num_updates=rounds, edits_per_update=4, epochs_per_update=EPOCHS, batch_size=2)
-    module = EditModule(model_name_or_path=str(root / "model"), method=method, learning_rate=1e-2, warmup_steps=1,
+    module = EditModule(model_name_or_path=str(root / "model"), method=method, learning_rate=learning_rate, warmup_steps=1,
                         lora_r=4, lora_alpha=8, generation=True, max_new_tokens=4,
                         fresh_optimizer_per_round=fresh, dtype=dtype)
     epochs = EPOCHS * (stop_after if stop_after is not None else rounds)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision=precision, max_epochs=epochs, check_val_every_n_epoch=EPOCHS,
+        accelerator="cpu", devices=1, precision=precision, max_epochs=epochs, max_steps=max_steps,
+        check_val_every_n_epoch=EPOCHS,
         reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
         callbacks=[EditReport(output_dir=str(tmp_path / "run"), merge_adapter=True),
-                   ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)],
+                   RunCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=3)],
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    return trainer, module, json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = tmp_path / "run" / "metrics.json"
+    return trainer, module, json.loads(metrics.read_text()) if metrics.exists() else None
 
 
 def test_sequential_rounds_write_metrics_plot_and_adapter(tiny_assets, tmp_path):
@@ -111,6 +113,25 @@ def test_bf16_base_with_bf16_mixed_precision_edits_and_keeps_the_base(tiny_asset
               for n, p in module.model.named_parameters() if not p.requires_grad}
     assert all(p.dtype == torch.bfloat16 and torch.equal(p, base[n]) for n, p in frozen.items())  # SAM left it alone
     assert metrics["summary"]["immediate"]["ES"] > 0.5
+
+
+def test_a_diverging_run_stops_before_stepping_or_saving(tiny_assets, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* Lower model.learning_rate \(now 1e\+30\)"):
+        _run(tiny_assets, tmp_path, learning_rate=1e30)
+    assert not (tmp_path / "ckpt" / "last.ckpt").exists()
+
+
+def test_a_resume_refuses_other_settings_and_a_corrupted_checkpoint(tiny_assets, tmp_path):
+    _run(tiny_assets, tmp_path, max_steps=3)  # stops mid-round, mid-epoch
+    checkpoint = tmp_path / "ckpt" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"method: 'corsa' in the checkpoint, 'lora' now.*--ckpt_path null"):
+        _run(tiny_assets, tmp_path, method="lora", ckpt_path=str(checkpoint))
+    state = torch.load(checkpoint, weights_only=True)
+    name = next(iter(state["state_dict"]))
+    state["state_dict"][name].view(-1)[0] = float("nan")  # one flipped exponent bit is enough
+    torch.save(state, checkpoint)
+    with pytest.raises(ValueError, match=f"non-finite values in {name}"):
+        _run(tiny_assets, tmp_path, ckpt_path=str(checkpoint))
 
 
 @pytest.mark.parametrize("method", ["lora", "easyedit_dpo"])

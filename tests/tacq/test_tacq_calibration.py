@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
+from data.loaders import ResumableLoader
 from data.tokenization import IGNORE_INDEX
 from lit_tacq.calibration import (
     CalibrationDataModule,
-    ResumableLoader,
     collate_one,
     read_task_records,
     task_examples,

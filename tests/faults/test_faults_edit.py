@@ -1,0 +1,98 @@
+"""Fault injection on an editing run through the CLI: killed (SIGKILL) mid-round and right after a round's
+evaluation, stopped by SIGTERM, each time rerun with the same command; it must end exactly where an
+uninterrupted run ends."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: {out}, name: run}}
+  callbacks:
+    - class_path: callbacks.edit_report.EditReport
+      init_args: {{plot: false}}
+    - class_path: callbacks.run_checkpoint.RunCheckpoint
+      init_args: {{every_n_train_steps: 4}}
+    - class_path: tests.faults.kill_switch.KillSwitch
+model:
+  model_name_or_path: {model}
+  method: corsa
+  learning_rate: 1.0e-2
+  warmup_steps: 1
+  lora_r: 4
+  lora_alpha: 8
+  max_new_tokens: 4
+data:
+  class_path: data.counterfact.CounterFactDataModule
+  init_args:
+    source: {data}
+    num_updates: 3
+    edits_per_update: 6
+    epochs_per_update: 2
+    batch_size: 2
+"""
+# 3 batches an epoch, 6 optimiser steps a round, 18 in all; last.ckpt after every round's evaluation and at
+# steps 4, 8 and 16 (not 12: the last batch of round 1, right before its evaluation)
+
+
+def _command(tmp_path: Path, tiny_assets) -> list[str]:
+    root, _ = tiny_assets
+    config = tmp_path / "config.yaml"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config.write_text(CONFIG.format(out=tmp_path / "runs", model=root / "model",
+                                    data=root / "world" / "counterfact.json"))
+    return [sys.executable, "train.py", "fit", "--config", str(config)]
+
+
+def _run(command: list[str], kill: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("LIT_TEST_KILL", None)
+    if kill:
+        env["LIT_TEST_KILL"] = kill
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _final_metrics(tmp_path: Path) -> dict:
+    versions = sorted((tmp_path / "runs" / "run").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return json.loads((versions[-1] / "metrics.json").read_text())
+
+
+def test_killed_and_terminated_runs_resume_to_the_uninterrupted_result(tiny_assets, tmp_path):
+    uninterrupted = _run(_command(tmp_path / "a", tiny_assets))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    command = _command(tmp_path / "b", tiny_assets)
+    checkpoint = tmp_path / "b" / "runs" / "run" / "checkpoints" / "last.ckpt"
+
+    killed = _run(command, "train_batch_end:10:KILL")  # mid-round 1; last save: step 8, mid-epoch
+    assert killed.returncode == -9
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 8
+    killed = _run(command, "validation_end:1:KILL")  # round 1 scored, not yet saved (no save before it either)
+    assert killed.returncode == -9 and "Resumed from" in killed.stderr
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 8
+    killed = _run(command, "train_epoch_start:4:KILL")  # round 1 scored and saved, round 2 not started
+    assert killed.returncode == -9
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 12
+    terminated = _run(command, "train_batch_end:15:TERM")  # the last batch of an epoch, between step saves
+    assert terminated.returncode == 143, terminated.stderr[-3000:]
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 15
+    finished = _run(command)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    expected, resumed = _final_metrics(tmp_path / "a"), _final_metrics(tmp_path / "b")
+    assert [r["eval_round"] for r in resumed["rounds"]] == [0, 1, 2]
+    assert resumed["rounds"] == expected["rounds"]  # every score of every round, exactly
+    assert 0.0 < expected["summary"]["final"]["ES"] < 1.0 or expected["summary"]["immediate"]["ES"] > 0.5
