@@ -63,8 +63,15 @@ class EditDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if num_updates < 1 or epochs_per_update < 1 or (edits_per_update is not None and edits_per_update < 1):
-            raise ValueError("num_updates, epochs_per_update and edits_per_update must be positive")
+        for name, value in (("num_updates", num_updates), ("epochs_per_update", epochs_per_update),
+                            ("edits_per_update", edits_per_update), ("batch_size", batch_size),
+                            ("eval_batch_size", eval_batch_size), ("limit", limit)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"data {name} must be a positive integer{' or null' if name in ('edits_per_update', 'limit') else ''}, got {value!r}")
+        if max_length < 2:
+            raise ValueError(f"data max_length must hold a prompt token and an answer token (>= 2), got {max_length}")
+        if num_workers < 0:
+            raise ValueError(f"data num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
         self.source, self.tokenizer_name = source, tokenizer
         self.num_updates, self.edits_per_update, self.epochs_per_update = num_updates, edits_per_update, epochs_per_update
@@ -139,12 +146,16 @@ class EditDataModule(L.LightningDataModule):
         for k, round_records in enumerate(rounds):
             round_requests, round_probes = [], []
             for record in round_records:
-                for request in record.requests:
-                    round_requests.append(encode_request(tok, next_request, request))
-                    next_request += 1
-                for probe in record.probes:
-                    round_probes.append(encode_probe(tok, next_probe, k, probe))
-                    next_probe += 1
+                try:
+                    for request in record.requests:
+                        round_requests.append(encode_request(tok, next_request, request))
+                        next_request += 1
+                    for probe in record.probes:
+                        round_probes.append(encode_probe(tok, next_probe, k, probe))
+                        next_probe += 1
+                except ValueError as err:
+                    raise DataFormatError(f"{self.source}: record {record.record_id}: {err}; raise "
+                                          "data.init_args.max_length or leave the record out") from err
             requests.append(round_requests)
             probes.append(round_probes)
         self.rounds, self._encoded_requests, self._encoded_probes = rounds, requests, probes

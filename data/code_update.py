@@ -12,7 +12,9 @@ margin term).
 
 from __future__ import annotations
 
+import ast
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from data.base import EditDataModule
@@ -39,12 +41,48 @@ def split_unit_tests(tests: str | list[str]) -> tuple[str, ...]:
     return tuple(t for t in re.split(r"\n\s*\n(?=def |@)", tests) if t.strip())
 
 
+def _top_level_functions(source: str) -> list[str]:
+    return [node.name for node in ast.parse(source).body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_function_names(unit_tests: Sequence[str]) -> list[str]:
+    """The ``test*`` functions a check program calls, in order (raises SyntaxError on invalid source)."""
+    return [name for source in unit_tests for name in _top_level_functions(source) if name.startswith("test")]
+
+
+def replacing_function(implementation: str, function_path: str) -> str:
+    """The function of an update's implementation that replaces ``function_path``: the one with the path's
+    last name, else the only function defined (a new or renamed API). ValueError when neither exists."""
+    defined = _top_level_functions(implementation)
+    old_name = function_path.rpartition(".")[2]
+    if old_name in defined:
+        return old_name
+    if len(defined) == 1:
+        return defined[0]
+    raise ValueError(f"cannot tell which of the functions {defined} replaces {function_path}")
+
+
+def _python(reader: RecordReader, field_path: str, value: str) -> str:
+    """Dataset-supplied code must at least parse: found now, not after a round of training."""
+    try:
+        ast.parse(value)
+    except SyntaxError as err:
+        raise reader.error(field_path, f"Python source (line {err.lineno}: {err.msg})", value) from None
+    return value
+
+
 def _unit_tests(reader: RecordReader, field_path: str) -> tuple[str, ...]:
     value = reader.get(field_path, lambda v: isinstance(v, (str, list)) and len(v) > 0,
                        "test sources (a non-empty string or list of strings)")
     if isinstance(value, list):
         reader.strings(field_path)
-    return split_unit_tests(value)
+    tests = split_unit_tests(value)
+    for i, source in enumerate(tests):
+        _python(reader, f"{field_path}[{i}]" if isinstance(value, list) else field_path, source)
+    if not test_function_names(tests):
+        raise reader.error(field_path, "at least one test function (def test...): without one every solution "
+                           "would pass", value)
+    return tests
 
 
 def _parse_update(reader: RecordReader) -> dict[str, str]:
@@ -53,6 +91,13 @@ def _parse_update(reader: RecordReader) -> dict[str, str]:
     parsed = {name: update.string(name) for name in fields}
     if "." not in parsed["function_path"]:
         raise update.error("function_path", "a dotted path such as 'math.sin'", parsed["function_path"])
+    for name in ("imports", "implementation"):
+        _python(update, name, parsed[name])
+    try:
+        replacing_function(parsed["implementation"], parsed["function_path"])
+    except ValueError as err:
+        raise update.error("implementation", f"a function replacing {parsed['function_path']} ({err})",
+                           parsed["implementation"]) from None
     return parsed
 
 
@@ -65,7 +110,8 @@ def _parse_example(reader: RecordReader, update: dict[str, str]) -> tuple[EditRe
         imports=update["imports"],
         implementation=update["implementation"],
         function_path=update["function_path"],
-        solution_imports=reader.string(imports_field, allow_empty=True) if reader.has(imports_field) else "",
+        solution_imports=(_python(reader, imports_field, reader.string(imports_field, allow_empty=True))
+                          if reader.has(imports_field) else ""),
         solution_signature=signature,
         unit_tests=_unit_tests(reader, "unit_tests"),
     )

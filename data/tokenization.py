@@ -21,7 +21,10 @@ IGNORE_INDEX = -100
 
 
 class AnswerTokenizer:
-    """Encodes (prompt, answer) pairs into prompt ids and answer ids, truncating the prompt on the left."""
+    """Encodes (prompt, answer) pairs into prompt ids and answer ids of at most ``max_length`` tokens together.
+
+    A pair that does not fit is an error, not a truncation: cutting the prompt would silently change the
+    question being edited or scored (a code prompt cut to its last token asks for nothing)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, chat_template: bool = False, max_length: int = 256,
                  append_eos: bool = False) -> None:
@@ -62,8 +65,10 @@ class AnswerTokenizer:
         eos = self.tokenizer.eos_token_id
         if self.append_eos and eos is not None and answer_ids[-1:] != [eos]:
             answer_ids = answer_ids + [eos]  # teaches the model to stop after the answer (programs need it)
-        keep = max(1, self.max_length - len(answer_ids))
-        return prompt_ids[-keep:], answer_ids
+        if len(prompt_ids) + len(answer_ids) > self.max_length:
+            raise ValueError(f"prompt and answer take {len(prompt_ids)} + {len(answer_ids)} tokens, more than "
+                             f"max_length={self.max_length}")
+        return prompt_ids, answer_ids
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,7 @@ class EditModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        _check_settings(self.hparams)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapter only; the frozen base comes from its path
         self.objective = resolve_objective(method, projection, sft_weight, dpo_weight)
@@ -355,3 +356,31 @@ def _all_finite(tensors: Any) -> bool:
     """One device sync for a whole list of tensors (``None`` entries are skipped)."""
     flags = [torch.isfinite(t.detach()).all() for t in tensors if t is not None]
     return not flags or bool(torch.stack(flags).all())
+
+
+def _check_settings(hp: Any) -> None:
+    """Every numeric setting in its range, at configuration time (not after a round of training)."""
+    rules = {
+        "beta": (hp.beta > 0, "> 0 (the DPO temperature)"),
+        "rho": (hp.rho >= 0, ">= 0 (the SAM radius)"),
+        "learning_rate": (hp.learning_rate > 0, "> 0"),
+        "weight_decay": (hp.weight_decay >= 0, ">= 0"),
+        "warmup_steps": (hp.warmup_steps >= 0, ">= 0"),
+        "max_grad_norm": (hp.max_grad_norm > 0, "> 0"),
+        "accumulate": (hp.accumulate >= 1, ">= 1"),
+        "lora_r": (hp.lora_r >= 1, ">= 1"),
+        "lora_alpha": (hp.lora_alpha > 0, "> 0"),
+        "lora_dropout": (0 <= hp.lora_dropout < 1, "in [0, 1)"),
+        "sft_weight": (hp.sft_weight is None or hp.sft_weight >= 0, ">= 0"),
+        "dpo_weight": (hp.dpo_weight is None or hp.dpo_weight >= 0, ">= 0"),
+        "max_new_tokens": (hp.max_new_tokens >= 1, ">= 1"),
+        "code_max_new_tokens": (hp.code_max_new_tokens >= 1, ">= 1"),
+        "code_samples": (hp.code_samples >= max(hp.pass_k, default=1), f">= the largest pass_k ({max(hp.pass_k, default=1)})"),
+        "pass_k": (len(hp.pass_k) > 0 and min(hp.pass_k) >= 1, "a non-empty list of k >= 1"),
+        "code_temperature": (hp.code_temperature > 0, "> 0 (sampled solutions)"),
+        "sandbox_timeout_s": (hp.sandbox_timeout_s > 0, "> 0 seconds"),
+        "dtype": (hp.dtype in ("float32", "bfloat16", "float16", "auto"), "float32, bfloat16, float16 or auto"),
+    }
+    bad = [f"model.{name} = {hp[name]!r} (expected {expected})" for name, (ok, expected) in rules.items() if not ok]
+    if bad:
+        raise ValueError("invalid settings: " + "; ".join(bad))

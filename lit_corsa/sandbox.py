@@ -67,7 +67,6 @@ seconds, no core dumps, output/file size (``max_output_mb``), processes; plus a 
 
 from __future__ import annotations
 
-import ast
 import functools
 import json
 import math
@@ -83,6 +82,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
+
+from data.code_update import replacing_function, test_function_names
 
 UNSAFE_ENV_VAR = "LIT_EDITQ_UNSAFE_SANDBOX"
 NOBODY = 65534  # the kernel's overflow uid/gid, "nobody"/"nogroup" on Debian-like systems
@@ -557,10 +558,6 @@ print("SANDBOX: passed {count} tests")
 '''
 
 
-def _function_names(source: str) -> list[str]:
-    return [node.name for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)]
-
-
 def build_program(
     imports: str | Sequence[str],
     implementation: str,
@@ -591,19 +588,13 @@ def build_program(
     """
     imports_src = imports if isinstance(imports, str) else "\n".join(imports)
     tests_src = unit_tests if isinstance(unit_tests, str) else "\n\n".join(unit_tests)
-    test_names = [name for name in _function_names(tests_src) if name.startswith("test")]
+    test_names = test_function_names([tests_src])
     if not test_names:
         raise ValueError("no test function (def test...) in unit_tests: the check would pass vacuously")
     parent_path, _, old_name = function_path.rpartition(".")
     if not parent_path:
         raise ValueError(f"function_path must be dotted, like 'math.sin'; got {function_path!r}")
-    defined = _function_names(implementation)
-    if old_name in defined:
-        new_name = old_name
-    elif len(defined) == 1:
-        new_name = defined[0]
-    else:
-        raise ValueError(f"cannot tell which of {defined} in the implementation replaces {function_path}")
+    new_name = replacing_function(implementation, function_path)
     patch = [f"_cua_parent = _cua_resolve({parent_path!r})", f"setattr(_cua_parent, {new_name!r}, {new_name})"]
     if update_type == "modify-function-name" and new_name != old_name:
         patch.append(f"delattr(_cua_parent, {old_name!r})")

@@ -115,6 +115,13 @@ def test_bf16_base_with_bf16_mixed_precision_edits_and_keeps_the_base(tiny_asset
     assert metrics["summary"]["immediate"]["ES"] > 0.5
 
 
+@pytest.mark.parametrize("setting, value", [("rho", -0.05), ("beta", -0.1), ("beta", 0.0), ("sandbox_timeout_s", 0.0),
+                                            ("accumulate", 0), ("lora_dropout", 1.0), ("pass_k", (1, 10))])
+def test_bad_settings_fail_at_configuration(setting, value):
+    with pytest.raises(ValueError, match=rf"invalid settings: model\.\w+ = "):
+        EditModule(**{setting: value})
+
+
 def test_a_diverging_run_stops_before_stepping_or_saving(tiny_assets, tmp_path):
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* Lower model.learning_rate \(now 1e\+30\)"):
         _run(tiny_assets, tmp_path, learning_rate=1e30)

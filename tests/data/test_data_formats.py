@@ -196,6 +196,14 @@ def test_solution_helpers():
     (lambda r: r.update(prog_syn_examples=[]), "prog_syn_examples", "expected a list of objects (at least one), got []"),
     (lambda r: r["prog_syn_examples"][1].update(unit_tests=[]), "prog_syn_examples[1].unit_tests", "expected test sources"),
     (lambda r: r["prog_syn_examples"][0].update(problem=3), "prog_syn_examples[0].problem", "expected a non-empty string, got 3"),
+    # caught when the file is read, not when the first evaluation runs the program after a round of training
+    (lambda r: r["prog_syn_examples"][2].update(unit_tests=["assert True"]), "prog_syn_examples[2].unit_tests",
+     "expected at least one test function (def test...)"),
+    (lambda r: r["prog_syn_examples"][2].update(unit_tests=["def test_a(:\n    pass"]),
+     "prog_syn_examples[2].unit_tests[0]", "expected Python source (line 1"),
+    (lambda r: r["update"].update(implementation="def a(): pass\ndef b(): pass"), "update.implementation",
+     "expected a function replacing"),
+    (lambda r: r["update"].update(imports="import"), "update.imports", "expected Python source"),
 ])
 def test_code_update_bad_records(code_rows, mutate, field, message):
     rows = copy.deepcopy(code_rows)

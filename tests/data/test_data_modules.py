@@ -114,6 +114,29 @@ def test_restore_against_other_data_fails(files):
         other.load_state_dict(state)
 
 
+def test_restore_with_other_round_settings_fails(files):
+    state = _cf(files).state_dict()
+    other = _cf(files, batch_size=2)
+    with pytest.raises(ValueError, match="batch_size 4 vs 2.*--ckpt_path null"):
+        other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("limit", -1, "data limit must be a positive integer or null, got -1"),
+    ("batch_size", 0, "data batch_size must be a positive integer, got 0"),
+    ("max_length", 1, "data max_length must hold a prompt token and an answer token"),
+])
+def test_bad_data_settings_fail_at_configuration(files, setting, value, message):
+    with pytest.raises(ValueError, match=message):
+        CounterFactDataModule(source=str(files / "cf.json"), tokenizer=str(files / "tokenizer"), **{setting: value})
+
+
+def test_a_prompt_longer_than_max_length_names_its_record_instead_of_being_cut(files):
+    with pytest.raises(DataFormatError, match=r"cf.json: record \S+: prompt and answer take \d+ \+ \d+ tokens, more "
+                                              r"than max_length=6; raise data.init_args.max_length"):
+        _cf(files, max_length=6)
+
+
 def test_zsre_and_code_datamodules(files):
     zsre = ZsREDataModule(source=str(files / "zsre.json"), tokenizer=str(files / "tokenizer"), num_updates=2)
     zsre.setup("fit")
