@@ -31,10 +31,11 @@ from types import FrameType
 from typing import Any, Callable
 
 import lightning.pytorch as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
@@ -85,6 +86,12 @@ def replace_atomically(partial: Path, target: Path) -> None:
     _fsync(target.parent)
 
 
+def _numerics() -> dict[str, Any]:
+    """What decides how floating-point reductions are split and rounded in this process."""
+    return {"torch": str(torch.__version__), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
 def _validation_follows(trainer: L.Trainer) -> bool:
     """Whether an evaluation runs right after this batch. Lightning resumes a checkpoint saved there as an
     epoch already complete and skips that evaluation, so a round's scores would be lost; the save after
@@ -105,6 +112,24 @@ class RunCheckpoint(ModelCheckpoint):
                          enable_version_counter=False)
         self._usr1_handler: Callable[[int, FrameType | None], Any] | None = None
         self._signal_pending = self._signal_handled = False
+
+    @property
+    def state_key(self) -> str:
+        """One per run, whatever its save cadence: a rerun with another ``every_n_train_steps`` still finds its state."""
+        return type(self).__qualname__
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "numerics": _numerics()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn when a resume cannot be bit-identical: reductions split differently over threads, devices or
+        library versions round differently (the README's "resumes identically" holds for the same ones)."""
+        super().load_state_dict(state_dict)
+        saved, now = state_dict.get("numerics"), _numerics()
+        if saved is not None and saved != now:
+            changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
+            rank_zero_warn(f"resuming with other numerics ({changed}): the run continues correctly, but its "
+                           "results will differ slightly from an uninterrupted run's")
 
     # ---- where the checkpoint lives, and what a rerun resumes from ----------------------------------------
     def _resolve_dir(self, trainer: L.Trainer) -> None:

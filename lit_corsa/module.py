@@ -295,12 +295,6 @@ class EditModule(L.LightningModule):
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         if fitting:
             self._check_same_settings(checkpoint.get("hyper_parameters", {}))
-        bad = [k for k, v in checkpoint["state_dict"].items() if torch.is_tensor(v) and not bool(torch.isfinite(v).all())]
-        bad += [f"optimizer state {i}" for i, state in enumerate(checkpoint.get("optimizer_states", []))
-                if not _all_finite(t for s in state.get("state", {}).values() for t in s.values() if torch.is_tensor(t))]
-        if bad:
-            raise ValueError(f"the checkpoint holds non-finite values in {', '.join(bad[:5])}"
-                             f"{' ...' if len(bad) > 5 else ''}: it is corrupted or was saved after the run diverged")
         accumulated = checkpoint.get("edit_accumulated") if fitting else None
         if accumulated is not None:
             if accumulated.shape[0] != self.trainer.world_size:
@@ -309,6 +303,26 @@ class EditModule(L.LightningModule):
             sizes = [p.numel() for p in self.trainable]
             self._accumulated = [chunk.view_as(p).to(p) for chunk, p in
                                  zip(accumulated[self.global_rank].split(sizes), self.trainable)]
+
+    def on_train_start(self) -> None:
+        self._check_restored_state_is_finite()
+
+    def on_test_start(self) -> None:
+        self._check_restored_state_is_finite()
+
+    def _check_restored_state_is_finite(self) -> None:
+        """After any restore (a checkpoint file, or a distributed checkpoint loaded straight into the module):
+        a flipped bit in a stored tensor would otherwise turn every later score into 0 without an error."""
+        names = {id(p): n for n, p in self.model.named_parameters() if p.requires_grad}
+        bad = [names[id(p)] for p in self.trainable if not _all_finite([p])]
+        optimizer = self.optimizers().optimizer if self.trainer.training else None
+        if optimizer is not None:
+            bad += [f"AdamW state of {names.get(id(p), 'a parameter')}" for p, state in optimizer.state.items()
+                    if not _all_finite(t for t in state.values() if torch.is_tensor(t))]
+        if bad:
+            raise ValueError(f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} after "
+                             f"restoring {self.trainer.ckpt_path}: the checkpoint is corrupted or was saved after "
+                             "the run diverged")
 
     def _check_same_settings(self, saved: dict[str, Any]) -> None:
         """Resuming with other training settings would silently mix two runs: refuse, naming them."""

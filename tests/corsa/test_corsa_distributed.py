@@ -33,8 +33,8 @@ trainer:
   callbacks:
     - class_path: callbacks.edit_report.EditReport
       init_args: {{plot: false}}
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {out}/ckpt, save_last: true, save_top_k: 0}}
+    - class_path: callbacks.run_checkpoint.RunCheckpoint
+      init_args: {{dirpath: {out}/ckpt}}
 model:
   model_name_or_path: world:model
   method: {method}
@@ -131,13 +131,16 @@ def test_fsdp_resume_mid_sequence_matches_uninterrupted(runs, tmp_path):
 
 
 def test_requeued_slurm_fsdp_job_resumes_from_its_hpc_checkpoint_folder(runs, tmp_path):
-    """What a requeued 2-task SLURM job does: srun starts the ranks, and the fit finds hpc_ckpt_<n>.ckpt (under
-    FSDP a distributed-checkpoint folder) in its run directory by itself and ends as if never interrupted."""
+    """What a requeued 2-task SLURM job does: srun starts the ranks, and the fit (ckpt_path "last", the CLI's
+    default) finds hpc_ckpt_<n>.ckpt (under FSDP a distributed-checkpoint folder), newer than last.ckpt, by
+    itself and ends as if never interrupted."""
     uninterrupted, _ = runs("fsdp_corsa", "corsa", *FSDP)
     out = tmp_path / "job"
     _fit(out, "corsa", *FSDP, "--trainer.max_steps", "12")
     # SIGUSR1 makes Lightning save this through the same trainer.save_checkpoint as the epoch-end last.ckpt
     shutil.copytree(out / "ckpt" / "last.ckpt", out / "hpc_ckpt_1.ckpt")
+    later = (out / "ckpt" / "last.ckpt").stat().st_mtime + 1
+    os.utime(out / "hpc_ckpt_1.ckpt", (later, later))  # the signal's save is the newest (copytree kept the time)
     resumed, log = _fit(out, "corsa", *FSDP, slurm_tasks=2)
     assert "Restored all states from the checkpoint at" in log and "hpc_ckpt_1.ckpt" in log
     assert resumed["rounds"] == uninterrupted["rounds"]

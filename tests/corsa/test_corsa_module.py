@@ -1,6 +1,8 @@
 """EditModule end to end on a tiny world: sequential rounds, outputs, resume mid-sequence."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -18,14 +20,14 @@ EPOCHS = 4  # per round
 
 
 def _run(tiny_assets, tmp_path, *, method="corsa", rounds=3, stop_after=None, ckpt_path=None, fresh=False,
-         precision="32-true", dtype="float32", learning_rate=1e-2, max_steps=-1):
+         precision="32-true", dtype="float32", learning_rate=1e-2, max_steps=-1, accumulate=1, callbacks=()):
     root, _ = tiny_assets
     L.seed_everything(0, verbose=False)
     dm = CounterFactDataModule(source=str(root / "world" / "counterfact.json"), tokenizer=str(root / "model"),
                                num_updates=rounds, edits_per_update=4, epochs_per_update=EPOCHS, batch_size=2)
     module = EditModule(model_name_or_path=str(root / "model"), method=method, learning_rate=learning_rate, warmup_steps=1,
                         lora_r=4, lora_alpha=8, generation=True, max_new_tokens=4,
-                        fresh_optimizer_per_round=fresh, dtype=dtype)
+                        fresh_optimizer_per_round=fresh, dtype=dtype, accumulate=accumulate)
     epochs = EPOCHS * (stop_after if stop_after is not None else rounds)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision=precision, max_epochs=epochs, max_steps=max_steps,
@@ -33,7 +35,7 @@ def _run(tiny_assets, tmp_path, *, method="corsa", rounds=3, stop_after=None, ck
         reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
         callbacks=[EditReport(output_dir=str(tmp_path / "run"), merge_adapter=True),
-                   RunCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=3)],
+                   RunCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=3), *callbacks],
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     metrics = tmp_path / "run" / "metrics.json"
@@ -82,6 +84,30 @@ def test_resume_mid_sequence_matches_uninterrupted(tiny_assets, tmp_path):
         for scope in ("all",):
             for name, value in a[scope].items():
                 assert b[scope][name] == pytest.approx(value, abs=1e-6), (a["eval_round"], name)
+
+
+class TerminateAfterBatch(L.Callback):
+    """SIGTERM to this process after the ``batches``-th micro-batch of the run."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.fit_loop.epoch_loop.total_batch_idx + 1 == self.batches:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_resume_halfway_through_a_gradient_accumulation_matches_uninterrupted(tiny_assets, tmp_path):
+    """Two micro-batches per optimiser step; SIGTERM after the first micro-batch of epoch 2 saves the
+    half-accumulated update with the checkpoint, and the resumed run ends exactly like an uninterrupted one."""
+    _, _, uninterrupted = _run(tiny_assets, tmp_path / "a", rounds=2, accumulate=2)
+    with pytest.raises(SystemExit) as stopped:
+        _run(tiny_assets, tmp_path / "b", rounds=2, accumulate=2, callbacks=[TerminateAfterBatch(5)])
+    assert stopped.value.code == 143
+    checkpoint = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["edit_accumulated"] is not None and checkpoint["global_step"] == 2
+    _, _, resumed = _run(tiny_assets, tmp_path / "b", rounds=2, accumulate=2, ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert resumed["rounds"] == uninterrupted["rounds"]
 
 
 def test_requeued_slurm_job_resumes_from_the_hpc_checkpoint(tiny_assets, tmp_path, monkeypatch):
@@ -137,7 +163,8 @@ def test_a_resume_refuses_other_settings_and_a_corrupted_checkpoint(tiny_assets,
     name = next(iter(state["state_dict"]))
     state["state_dict"][name].view(-1)[0] = float("nan")  # one flipped exponent bit is enough
     torch.save(state, checkpoint)
-    with pytest.raises(ValueError, match=f"non-finite values in {name}"):
+    parameter = name.replace("model.", "", 1)  # the checkpoint key is the module's attribute path
+    with pytest.raises(ValueError, match=rf"non-finite values in {parameter} after restoring .*corrupted"):
         _run(tiny_assets, tmp_path, ckpt_path=str(checkpoint))
 
 
