@@ -2,8 +2,8 @@
 
 A LightningCLI over :class:`lit_corsa.module.EditModule` and any :class:`data.base.EditDataModule`
 (CounterFact, ZsRE, code updates). The rounds of the sequential protocol are configured once, on the
-data (``num_updates``, ``epochs_per_update``); the trainer's epochs, validation cadence and dataloader
-reloading are derived from them, and the tokenizer follows the model. ``ckpt_path`` defaults to ``last``
+data (``num_updates``, ``epochs_per_update``); the trainer settings they imply (``data.base.round_protocol``)
+are derived from them, and the tokenizer follows the model. ``ckpt_path`` defaults to ``last``
 (``configs/defaults/resume.yaml``): rerunning the same command resumes the run from the checkpoint that
 :class:`callbacks.run_checkpoint.RunCheckpoint` keeps.
 """
@@ -13,19 +13,17 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.run_checkpoint import resume_by_default
-from data.base import EditDataModule
+from data.base import EditDataModule, round_protocol
 from lit_corsa.module import EditModule
 
 
 class EditCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.init_args.tokenizer")
-        parser.link_arguments(
-            ("data.init_args.num_updates", "data.init_args.epochs_per_update"), "trainer.max_epochs",
-            compute_fn=lambda rounds, epochs: rounds * epochs,
-        )
-        parser.link_arguments("data.init_args.epochs_per_update", "trainer.check_val_every_n_epoch")
-        parser.set_defaults({"trainer.reload_dataloaders_every_n_epochs": 1, "trainer.num_sanity_val_steps": 0})
+        protocol = ("data.init_args.num_updates", "data.init_args.epochs_per_update")
+        for key in round_protocol(1, 1):
+            parser.link_arguments(protocol, f"trainer.{key}", compute_fn=lambda rounds, epochs, key=key:
+                                  round_protocol(rounds, epochs)[key])
 
 
 def main(args: list[str] | None = None) -> None:

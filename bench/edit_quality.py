@@ -23,9 +23,11 @@ import lightning.pytorch as L
 import torch
 
 from callbacks.edit_report import EditReport
+from data.base import round_protocol
 from data.counterfact import CounterFactDataModule
 from data.zsre import ZsREDataModule
 from lit_corsa.module import EditModule
+from lit_corsa.settings import EvaluationSettings, LoraSettings, ObjectiveSettings, OptimizerSettings
 
 COLUMNS = ("ES", "PS", "NS", "reliability_token_acc", "generality_token_acc", "locality_token_acc", "generality_gen")
 DATAMODULES = {"counterfact": (CounterFactDataModule, "world:counterfact"), "zsre": (ZsREDataModule, "world:zsre")}
@@ -50,14 +52,15 @@ def run_one(args: argparse.Namespace, method: str, seed: int, out_dir: Path) -> 
     dm = datamodule_class(source=source, tokenizer="world:model", num_updates=args.rounds,
                           edits_per_update=args.edits_per_round, epochs_per_update=args.epochs_per_round,
                           batch_size=args.batch_size, shuffle_seed=seed)
-    module = EditModule(model_name_or_path="world:model", method=method, learning_rate=args.learning_rate,
-                        rho=args.rho, beta=args.beta, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
-                        max_new_tokens=6)
+    module = EditModule(model_name_or_path="world:model", method=method,
+                        objective=ObjectiveSettings(beta=args.beta, rho=args.rho),
+                        lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r),
+                        optimizer=OptimizerSettings(learning_rate=args.learning_rate),
+                        evaluation=EvaluationSettings(max_new_tokens=6))
     timer = StepTimer()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=args.rounds * args.epochs_per_round,
-        check_val_every_n_epoch=args.epochs_per_round, reload_dataloaders_every_n_epochs=1,
-        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu", devices=1, **round_protocol(args.rounds, args.epochs_per_round),
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[EditReport(output_dir=str(out_dir), plot=False), timer],
     )
     trainer.fit(module, datamodule=dm)

@@ -18,7 +18,8 @@ import lightning.pytorch as L
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from lit_corsa.evaluation import PROTOCOLS
+from lit_corsa.evaluation import PROTOCOLS, RoundScores
+from lit_corsa.module import EditModule
 from lit_corsa.metrics import forgetting
 
 PROTOCOL_NOTES = {
@@ -113,15 +114,21 @@ class EditReport(L.Callback):
         self._run_dir.mkdir(parents=True, exist_ok=True)
         return self._run_dir
 
+    @staticmethod
+    def _scores(pl_module: L.LightningModule) -> RoundScores:
+        if not isinstance(pl_module, EditModule) or pl_module.scores is None:
+            raise TypeError("EditReport records the scores an EditModule publishes after each evaluation")
+        return pl_module.scores
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        scores = pl_module.last_scores
-        self.history[scores["eval_round"]] = {"all": scores["all"], "by_edit_round": scores["by_edit_round"]}
+        scores = self._scores(pl_module)
+        self.history[scores.eval_round] = {"all": scores.all, "by_edit_round": scores.by_edit_round}
         self._write(trainer, pl_module)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.test_scores = pl_module.last_scores
+        self.test_scores = asdict(self._scores(pl_module))
         self._write(trainer, pl_module)
 
     @rank_zero_only

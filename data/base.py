@@ -7,11 +7,18 @@ DataModule's ``state_dict`` (so it travels in Lightning checkpoints) together wi
 edit data, so resuming against different data fails loudly instead of mixing rounds.
 
 Subclasses only say how to turn raw rows of their format into :class:`EditRecord`s (``parse_rows``).
+
+What the editing module reads (its whole interface to the data, all valid after ``setup``):
+``num_updates``, ``epochs_per_update`` and ``current_round`` (the protocol and where it stands),
+``request_count``, ``requests_of_round(k)``, ``request_loader(requests)``, ``has_old_answers()``,
+``optimizer_steps_per_round(world_size, accumulate)`` and ``eval_probes(k)``. The trainer settings the
+protocol implies are stated once, in :func:`round_protocol`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from typing import Any
 
@@ -23,7 +30,17 @@ from transformers import PreTrainedTokenizerBase
 from data.formats import DataFormatError, EditRecord, read_records
 from data.loaders import ResumableLoader
 from data.sources import is_local, load_tokenizer, resolve
-from data.tokenization import AnswerTokenizer, EncodedProbe, EncodedRequest, ProbeCollator, RequestCollator, encode_probe, encode_request
+from data.tokenization import (
+    AnswerTokenizer, EncodedProbe, EncodedRequest, ProbeCollator, RequestCollator, encode_probe, encode_request,
+    pad_token_id,
+)
+
+
+def round_protocol(num_updates: int, epochs_per_update: int) -> dict[str, Any]:
+    """The Trainer settings of the sequential protocol: train each round's epochs, evaluate after the
+    round's last one, a new loader (the round's requests) every epoch, no sanity evaluation."""
+    return {"max_epochs": num_updates * epochs_per_update, "check_val_every_n_epoch": epochs_per_update,
+            "reload_dataloaders_every_n_epochs": 1, "num_sanity_val_steps": 0}
 
 
 class EditDataModule(L.LightningDataModule):
@@ -159,7 +176,6 @@ class EditDataModule(L.LightningDataModule):
             requests.append(round_requests)
             probes.append(round_probes)
         self.rounds, self._encoded_requests, self._encoded_probes = rounds, requests, probes
-        self.pad_id = tok.pad_id
 
     # ---- loaders -------------------------------------------------------------------------------------
     def _sync_round_with_trainer(self) -> None:
@@ -196,12 +212,36 @@ class EditDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
+    @property
+    def pad_id(self) -> int:
+        return pad_token_id(self.tokenizer)
+
     def requests_of_round(self, round_index: int) -> list[EncodedRequest]:
         return self._encoded_requests[round_index]
 
     def all_requests(self, upto_round: int | None = None) -> list[EncodedRequest]:
         last = self.current_round if upto_round is None else upto_round
         return [r for round_requests in self._encoded_requests[: last + 1] for r in round_requests]
+
+    @property
+    def request_count(self) -> int:
+        """Requests over all rounds; their ``request_id``s are 0 .. request_count - 1."""
+        return sum(len(round_requests) for round_requests in self._encoded_requests)
+
+    def has_old_answers(self) -> bool:
+        return any(r.old_ids for r in self.all_requests(self.num_updates - 1))
+
+    def request_loader(self, requests: list[EncodedRequest]) -> DataLoader:
+        """Requests in evaluation-sized batches, padded like training batches (for reference log-probs)."""
+        return DataLoader(requests, batch_size=self.eval_batch_size, collate_fn=RequestCollator(self.pad_id))
+
+    def optimizer_steps_per_round(self, world_size: int, accumulate: int) -> int:
+        """Optimiser steps a round takes on each rank: Lightning's distributed sampler deals every round's
+        requests out evenly (padding the last batch), and the module steps every ``accumulate`` batches
+        and at each epoch's end."""
+        per_rank = math.ceil(len(self.requests_of_round(0)) / world_size)
+        batches_per_epoch = math.ceil(per_rank / self.batch_size)
+        return max(1, math.ceil(batches_per_epoch / accumulate) * self.epochs_per_update)
 
     # ---- checkpointed state --------------------------------------------------------------------------
     # what decides which batches a round trains on; a resume with other values would mix two runs

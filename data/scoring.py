@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from data.tokenization import pad_token_id
+
 
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's tensors are (a packed model may hold buffers only)."""
@@ -39,7 +41,7 @@ def answer_outcomes(
     answer token); per-pair outcomes let two models be compared fact by fact."""
     correct: list[bool] = []
     nll, tokens = 0.0, 0
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     device = model_device(model)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]

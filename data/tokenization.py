@@ -20,6 +20,17 @@ from data.formats import PROBE_KINDS, EditRequest, Probe
 IGNORE_INDEX = -100
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its end-of-sequence token (many causal
+    LMs have no pad token; padded positions are masked out, so which id fills them does not matter)."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an end-of-sequence token to pad with")
+    return pad
+
+
 class AnswerTokenizer:
     """Encodes (prompt, answer) pairs into prompt ids and answer ids of at most ``max_length`` tokens together.
 
@@ -33,10 +44,6 @@ class AnswerTokenizer:
         self.tokenizer, self.chat_template, self.max_length = tokenizer, chat_template, max_length
         self.append_eos = append_eos
 
-    @property
-    def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.tokenizer.eos_token_id
 
     def _ids(self, text: str, special: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=special)["input_ids"]

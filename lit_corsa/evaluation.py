@@ -8,6 +8,7 @@ comparison; mean-token vs summed log-probs; generation greedy vs sampled).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -18,11 +19,12 @@ from transformers import PreTrainedTokenizerBase
 
 from data.code_update import join_solution
 from data.formats import PROBE_KINDS, Probe, ProgramTest
-from data.tokenization import IGNORE_INDEX
+from data.tokenization import IGNORE_INDEX, pad_token_id
 from lit_corsa.losses import sequence_logprobs, token_counts
 from lit_corsa.metrics import GenerationMatch, PassAtK, ProbabilityComparison, TokenAccuracy
 from lit_corsa.sandbox import build_program, run_python
 from lit_corsa.seeding import seeded
+from lit_corsa.settings import EvaluationSettings
 
 PROTOCOLS = {
     "ES": "efficacy: fraction of edit prompts with mean-token log p(new) > log p(old) (ROME), teacher-forced",
@@ -70,6 +72,15 @@ def solution_passes(test: ProgramTest, body: str, timeout_s: float = 10.0) -> bo
     return run_python(program, timeout_s=timeout_s).passed
 
 
+@dataclass(frozen=True)
+class RoundScores:
+    """What one evaluation measured: every metric over all edits so far, and per edit round."""
+
+    eval_round: int
+    all: dict[str, float]
+    by_edit_round: dict[int, dict[str, float]]
+
+
 class ProbeEvaluator(nn.Module):
     """Holds one set of torchmetrics per scope ("all" and each edit round) and fills them from batches.
 
@@ -79,15 +90,12 @@ class ProbeEvaluator(nn.Module):
     generation keeps stepping until every rank is done (``synced_gpus``).
     """
 
-    def __init__(self, num_rounds: int, pass_k: tuple[int, ...] = (1,), code_samples: int = 5,
-                 code_temperature: float = 0.8, max_new_tokens: int = 16, code_max_new_tokens: int = 128,
-                 sandbox_timeout_s: float = 10.0, generation: bool = True, lockstep: bool = False) -> None:
+    def __init__(self, num_rounds: int, settings: EvaluationSettings = EvaluationSettings(),
+                 lockstep: bool = False) -> None:
         super().__init__()
-        if code_samples < max(pass_k):
-            raise ValueError(f"pass@{max(pass_k)} needs at least that many samples, code_samples={code_samples}")
-        self.pass_k, self.code_samples, self.code_temperature = pass_k, code_samples, code_temperature
-        self.max_new_tokens, self.code_max_new_tokens = max_new_tokens, code_max_new_tokens
-        self.sandbox_timeout_s, self.generation, self.lockstep = sandbox_timeout_s, generation, lockstep
+        self.pass_k, self.code_samples, self.code_temperature = settings.pass_k, settings.code_samples, settings.code_temperature
+        self.max_new_tokens, self.code_max_new_tokens = settings.max_new_tokens, settings.code_max_new_tokens
+        self.sandbox_timeout_s, self.generation, self.lockstep = settings.sandbox_timeout_s, settings.generation, lockstep
         self.scopes = ["all"] + [f"round_{r}" for r in range(num_rounds)]
         self.metrics = nn.ModuleDict({scope: self._metric_set() for scope in self.scopes})
 
@@ -169,7 +177,7 @@ class ProbeEvaluator(nn.Module):
         sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature else {"do_sample": False}
         out = model.generate(
             input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], max_new_tokens=max_new_tokens,
-            num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id, synced_gpus=self.lockstep, **sampling,
+            num_return_sequences=samples, pad_token_id=pad_token_id(tokenizer), synced_gpus=self.lockstep, **sampling,
         )
         return tokenizer.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -208,9 +216,9 @@ class ProbeEvaluator(nn.Module):
         samples = torch.full_like(correct, self.code_samples)
         self._update("pass@k", is_program.cpu(), edit_round.cpu(), samples, correct)
 
-    def compute(self, names_by_round: dict[int, set[str]]) -> dict[str, Any]:
-        """``{"all": {metric: value}, "by_edit_round": {r: {metric: value}}}``: each scope computes only
-        the metrics its probes can have (``metric_names``), so nothing is computed from zero updates."""
+    def compute(self, eval_round: int, names_by_round: dict[int, set[str]]) -> RoundScores:
+        """The scores after round ``eval_round``: each scope computes only the metrics its probes can have
+        (``metric_names``), so nothing is computed from zero updates."""
         def compute_set(metric_set: nn.ModuleDict, names: set[str]) -> dict[str, float]:
             values: dict[str, float] = {}
             for name in sorted(names):
@@ -221,7 +229,8 @@ class ProbeEvaluator(nn.Module):
                     values[name] = float(result)
             return values
 
-        return {
-            "all": compute_set(self.metrics["all"], set().union(*names_by_round.values())),
-            "by_edit_round": {r: compute_set(self.metrics[f"round_{r}"], names) for r, names in names_by_round.items()},
-        }
+        return RoundScores(
+            eval_round=eval_round,
+            all=compute_set(self.metrics["all"], set().union(*names_by_round.values())),
+            by_edit_round={r: compute_set(self.metrics[f"round_{r}"], names) for r, names in names_by_round.items()},
+        )

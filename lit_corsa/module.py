@@ -1,53 +1,62 @@
 """EditModule: sequential knowledge editing of any HF causal LM through one LoRA adapter.
 
 Manual optimisation, because a CoRSA step needs the SFT and DPO gradients apart (PCGrad) and two
-passes per update (SAM); the maths lives in :mod:`lit_corsa.step`, this module orchestrates:
+passes per update (SAM); the maths lives in :mod:`lit_corsa.step`, this module orchestrates it.
+
+The life of a round (``num_updates`` rounds of ``epochs_per_update`` epochs, set on the data):
+
+1. ``on_train_epoch_start`` of the round's first epoch: with ``optimizer.fresh_per_round``, AdamW's
+   moments are cleared; the learning-rate schedule (linear warm-up, linear decay) restarts by itself,
+   because every round is an editing job of its own.
+2. ``training_step``, the first of the round: the frozen base's log-probs of each of the round's new and
+   old answers are computed once, with the adapter disabled (DPO's reference; never a second forward per
+   step). Every step: the objective's gradient of one micro-batch (:class:`~lit_corsa.step.EditStep`),
+   accumulated over ``optimizer.accumulate`` micro-batches, all-reduced once across ranks, clipped, stepped.
+3. ``validation_step`` after the round's last epoch: every edit of rounds 0..k is scored
+   (:class:`~lit_corsa.evaluation.ProbeEvaluator`); ``on_validation_epoch_end`` publishes the result as
+   :attr:`EditModule.scores`, which :class:`callbacks.edit_report.EditReport` records.
+
+Around that:
 
 - the base model is loaded in ``configure_model`` and wrapped in a peft LoRA adapter; only the adapter
   is trainable and only the adapter goes into checkpoints (the frozen base is reloaded from its path);
-- the base model's log-probs of every edit's new and old answer are computed once, at the first step
-  of its round that needs them (also the first step after a resume), with the adapter disabled (never a
-  second forward per step);
-- gradient accumulation is ours (Lightning's ``accumulate_grad_batches`` does not apply to manual
-  optimisation); under DDP each rank computes its merged gradient without synchronisation and the
-  accumulated update is all-reduced once before the optimiser step;
-- under ``ModelParallelStrategy`` (FSDP2) the frozen base is read by rank 0 only and sharded over the
-  ranks, and the adapter is not (:mod:`lit_corsa.sharding`), so the step and the all-reduce are the same
-  as under DDP;
-- the learning-rate schedule (linear warm-up, linear decay) restarts with every round, because every
-  round is an editing job of its own; ``fresh_optimizer_per_round`` also clears AdamW's moments;
+  under ``ModelParallelStrategy`` (FSDP2) the base is read by rank 0 only and sharded, the adapter is not
+  (:mod:`lit_corsa.sharding`), so the step and the all-reduce are the same as under DDP;
 - a resume at any batch continues exactly: the loader skips the batches done (``data.loaders``), a
   half-accumulated update is in the checkpoint (every rank's), random draws are seeded by position
   (:mod:`lit_corsa.seeding`), and a checkpoint made with other settings is refused;
 - a non-finite loss, gradient or adapter weight stops the run with an error before anything is
-  stepped or saved (also a checkpoint that holds one).
+  stepped or saved, and so does a checkpoint that holds one.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from data.base import EditDataModule
 from data.sources import empty_causal_lm, load_causal_lm, load_tokenizer
-from data.tokenization import RequestCollator
-from lit_corsa.evaluation import ProbeEvaluator, metric_names
+from lit_corsa.evaluation import ProbeEvaluator, RoundScores, metric_names
 from lit_corsa.losses import sequence_logprobs
 from lit_corsa.lora import wrap_with_lora
 from lit_corsa.objectives import resolve_objective
 from lit_corsa.seeding import position_seed
+from lit_corsa.settings import EvaluationSettings, LoraSettings, ObjectiveSettings, OptimizerSettings
 from lit_corsa.sharding import data_parallel_mesh, loads_weights, shard_from_rank0
 from lit_corsa.step import EditStep
 
-# settings a resumed run may change: they decide how rounds are scored, not what is trained
-EVALUATION_SETTINGS = frozenset({"generation", "max_new_tokens", "pass_k", "code_samples", "code_temperature",
-                                 "code_max_new_tokens", "sandbox_timeout_s", "gradient_checkpointing"})
+# what a resumed run may change: how rounds are scored and how activations are stored, not what is trained
+CHANGEABLE_ON_RESUME = frozenset({"evaluation", "gradient_checkpointing"})
+
+
+def _group(cls: type, value: Any) -> Any:
+    """A settings group from the CLI (an instance) or from a checkpoint's hyper-parameters (a dict)."""
+    return cls(**value) if isinstance(value, dict) else value
 
 
 class EditModule(L.LightningModule):
@@ -55,55 +64,45 @@ class EditModule(L.LightningModule):
 
     Args:
         model_name_or_path: local path, hub id or ``world:model``.
-        method: the objective (see :mod:`lit_corsa.objectives`); ``projection`` ("sequential",
-            "symmetric", "none"), ``sft_weight`` and ``dpo_weight`` override its defaults.
-        beta: DPO temperature. rho: SAM radius.
-        lora_r / lora_alpha / lora_dropout / lora_target_modules: the adapter (every decoder Linear by default).
-        accumulate: micro-batches per optimiser step.
-        dtype: weights' dtype ("float32", "bfloat16", "auto"); ``load_in_4bit`` for a QLoRA-style NF4 base.
-        pass_k / code_samples / code_temperature: Pass@k settings for code-update probes.
-        generation: also score greedy-generation reliability/generality (slower).
+        method: the objective (see :mod:`lit_corsa.objectives`).
+        objective / lora / optimizer / evaluation: the settings groups of :mod:`lit_corsa.settings`.
+        dtype: weights' dtype ("float32", "bfloat16", "float16", "auto"); ``load_in_4bit`` for a
+            QLoRA-style NF4 base; ``gradient_checkpointing`` trades compute for activation memory.
     """
+
+    scores: RoundScores | None
+    """The scores of the latest evaluation (validation or test), for callbacks to record."""
 
     def __init__(
         self,
         model_name_or_path: str = "world:model",
         method: Literal["lora", "sam", "dpo", "corsa", "easyedit_dpo"] = "corsa",
-        projection: Literal["sequential", "symmetric", "none"] | None = None,
-        sft_weight: float | None = None,
-        dpo_weight: float | None = None,
-        beta: float = 0.1,
-        rho: float = 0.05,
-        lora_r: int = 8,
-        lora_alpha: int = 16,
-        lora_dropout: float = 0.0,
-        lora_target_modules: list[str] | None = None,
-        learning_rate: float = 2e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 5,
-        max_grad_norm: float = 1.0,
-        accumulate: int = 1,
-        fresh_optimizer_per_round: bool = False,
-        dtype: str = "float32",
+        objective: ObjectiveSettings = ObjectiveSettings(),
+        lora: LoraSettings = LoraSettings(),
+        optimizer: OptimizerSettings = OptimizerSettings(),
+        evaluation: EvaluationSettings = EvaluationSettings(),
+        dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
         load_in_4bit: bool = False,
         gradient_checkpointing: bool = False,
-        generation: bool = True,
-        max_new_tokens: int = 16,
-        pass_k: tuple[int, ...] = (1, 5),
-        code_samples: int = 5,
-        code_temperature: float = 0.8,
-        code_max_new_tokens: int = 128,
-        sandbox_timeout_s: float = 10.0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        _check_settings(self.hparams)
+        self.objective_settings = _group(ObjectiveSettings, objective)
+        self.lora_settings = _group(LoraSettings, lora)
+        self.optimizer_settings = _group(OptimizerSettings, optimizer)
+        self.evaluation_settings = _group(EvaluationSettings, evaluation)
+        self.save_hyperparameters({  # plain values: checkpoints load with weights_only=True
+            "model_name_or_path": model_name_or_path, "method": method, "dtype": dtype,
+            "load_in_4bit": load_in_4bit, "gradient_checkpointing": gradient_checkpointing,
+            "objective": asdict(self.objective_settings), "lora": asdict(self.lora_settings),
+            "optimizer": asdict(self.optimizer_settings), "evaluation": asdict(self.evaluation_settings),
+        })
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the adapter only; the frozen base comes from its path
-        self.objective = resolve_objective(method, projection, sft_weight, dpo_weight)
-        self.step_fn = EditStep(self.objective, beta, rho)
+        self.objective = resolve_objective(method, self.objective_settings)
+        self.step_fn = EditStep(self.objective, self.objective_settings.beta, self.objective_settings.rho)
         self.model = None
         self.evaluator: ProbeEvaluator | None = None
+        self.scores = None
         self._accumulated: list[Tensor | None] | None = None
         self._reference: Tensor | None = None  # [num_requests, 2] base log-probs (chosen, rejected); NaN = not yet
         self._run_seed = 0
@@ -112,7 +111,7 @@ class EditModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        hp = self.hparams
+        hp, lora = self.hparams, self.lora_settings
         mesh = data_parallel_mesh(self.device_mesh) if self.device_mesh is not None else None  # FSDP2
         if mesh is not None and hp.load_in_4bit:
             raise ValueError("load_in_4bit and FSDP sharding (ModelParallelStrategy) do not combine: bitsandbytes' "
@@ -121,7 +120,7 @@ class EditModule(L.LightningModule):
             base = load_causal_lm(hp.model_name_or_path, hp.dtype, hp.load_in_4bit)
         else:
             base = empty_causal_lm(hp.model_name_or_path, hp.dtype)
-        self.model = wrap_with_lora(base, hp.lora_r, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
+        self.model = wrap_with_lora(base, lora.r, lora.alpha, lora.dropout, lora.target_modules,
                                     hp.gradient_checkpointing)
         self.model.train()  # from_pretrained returns eval mode; train as HF's Trainer does (the base's dropout on)
         if mesh is not None:
@@ -146,24 +145,19 @@ class EditModule(L.LightningModule):
         return datamodule
 
     def setup(self, stage: str) -> None:
-        dm = self.datamodule
-        dm.setup(stage)
-        hp = self.hparams
-        self.evaluator = ProbeEvaluator(
-            dm.num_updates, tuple(hp.pass_k), hp.code_samples, hp.code_temperature, hp.max_new_tokens,
-            hp.code_max_new_tokens, hp.sandbox_timeout_s, hp.generation, lockstep=self.device_mesh is not None,
-        )
-        total = sum(len(r.requests) for round_ in dm.rounds for r in round_)
-        self._reference = torch.full((total, 2), float("nan"))
+        dm = self.datamodule  # Lightning has set it up already (data before module)
+        self.evaluator = ProbeEvaluator(dm.num_updates, self.evaluation_settings, lockstep=self.device_mesh is not None)
+        self._reference = torch.full((dm.request_count, 2), float("nan"))
         self._run_seed = torch.initial_seed()  # seed_everything's seed, the same again in a resumed process
-        if self.objective.use_dpo and not any(r.old_ids for r in dm.all_requests(dm.num_updates - 1)):
+        if self.objective.use_dpo and not dm.has_old_answers():
             rank_zero_warn("no edit has an old answer: the DPO margin term will contribute nothing")
 
     def on_fit_start(self) -> None:
         if str(self.trainer.precision).startswith("16"):
             raise ValueError("fp16 loss scaling is not supported by the SAM step; use precision bf16-mixed or 32")
         if self.trainer.accumulate_grad_batches != 1:
-            raise ValueError("set model.accumulate instead of trainer.accumulate_grad_batches (manual optimisation)")
+            raise ValueError("set model.optimizer.accumulate instead of trainer.accumulate_grad_batches "
+                             "(manual optimisation)")
         strategy = type(self.trainer.strategy).__name__
         if strategy not in ("SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrategy"):
             raise ValueError(f"{strategy} is not supported by the CoRSA step (it takes gradients with autograd.grad "
@@ -177,10 +171,11 @@ class EditModule(L.LightningModule):
 
     # ---- optimiser ---------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        steps_per_round = self._optimizer_steps_per_round()
-        warmup = min(hp.warmup_steps, steps_per_round)
+        settings = self.optimizer_settings
+        optimizer = torch.optim.AdamW(self.trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        # from the data alone (not from max_epochs), so a run stopped early schedules like a full one
+        steps_per_round = self.datamodule.optimizer_steps_per_round(self.trainer.world_size, settings.accumulate)
+        warmup = min(settings.warmup_steps, steps_per_round)
 
         def factor(step: int) -> float:  # warm-up then linear decay, restarted every round
             in_round = step % steps_per_round
@@ -191,19 +186,11 @@ class EditModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _optimizer_steps_per_round(self) -> int:
-        """From the data alone (not from ``max_epochs``), so a run stopped early schedules like a full one."""
-        dm = self.datamodule
-        per_rank = math.ceil(len(dm.requests_of_round(0)) / self.trainer.world_size)
-        batches_per_epoch = math.ceil(per_rank / dm.batch_size)
-        return max(1, math.ceil(batches_per_epoch / self.hparams.accumulate) * dm.epochs_per_update)
-
     # ---- training ----------------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         """Not called when Lightning resumes inside an epoch, so it holds nothing a step depends on."""
-        dm = self.datamodule
-        round_starts = self.current_epoch % dm.epochs_per_update == 0
-        if round_starts and self.current_epoch > 0 and self.hparams.fresh_optimizer_per_round:
+        round_starts = self.current_epoch % self.datamodule.epochs_per_update == 0
+        if round_starts and self.current_epoch > 0 and self.optimizer_settings.fresh_per_round:
             self.optimizers().optimizer.state.clear()
         self._accumulated = None
 
@@ -211,21 +198,21 @@ class EditModule(L.LightningModule):
         """The base log-probs of these requests, computing the current round's at its first step."""
         rows = self._reference[request_ids.cpu()]
         if bool(torch.isnan(rows).any()):  # every rank reaches this at the same step (each caches the whole round)
-            self._cache_reference(self.datamodule)
+            self._cache_reference()
             rows = self._reference[request_ids.cpu()]
         return rows.to(self.device)
 
     @torch.no_grad()
-    def _cache_reference(self, dm: EditDataModule) -> None:
+    def _cache_reference(self) -> None:
         """Base-model log-probs of this round's new and old answers, computed once per edit."""
+        dm = self.datamodule
         requests = [r for r in dm.requests_of_round(dm.current_round) if torch.isnan(self._reference[r.request_id, 0])]
         if not requests:
             return
         was_training = self.model.training
         self.model.eval()
-        loader = DataLoader(requests, batch_size=dm.eval_batch_size, collate_fn=RequestCollator(dm.pad_id))
         with self.model.disable_adapter():
-            for batch in loader:
+            for batch in dm.request_loader(requests):
                 batch = self.trainer.strategy.batch_to_device(batch)
                 for column, key in ((0, "chosen"), (1, "rejected")):
                     seq = batch[key]
@@ -234,15 +221,15 @@ class EditModule(L.LightningModule):
         self.model.train(was_training)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        hp = self.hparams
+        accumulate = self.optimizer_settings.accumulate
         torch.manual_seed(position_seed(self._run_seed, "train", self.current_epoch, batch_idx, self.global_rank))
         reference = self._reference_for(batch["request_id"]) if self.objective.use_dpo else None
-        grads, logs = self.step_fn(self.model, self.trainable, batch, reference, scale=1.0 / hp.accumulate)
-        losses = [logs[k] for k in ("sft", "dpo") if k in logs]
-        if not bool(torch.isfinite(torch.stack(losses)).all()):
-            self._fail_non_finite(f"loss ({', '.join(f'{k} {float(logs[k])}' for k in ('sft', 'dpo') if k in logs)})")
+        grads, logs = self.step_fn(self.model, self.trainable, batch, reference, scale=1.0 / accumulate)
+        losses = {k: logs[k] for k in ("sft", "dpo") if k in logs}
+        if not _all_finite(losses.values()):
+            self._fail_non_finite("loss (" + ", ".join(f"{k} {float(v)}" for k, v in losses.items()) + ")")
         self._accumulate(grads)
-        if (batch_idx + 1) % hp.accumulate == 0 or self.trainer.is_last_batch:
+        if (batch_idx + 1) % accumulate == 0 or self.trainer.is_last_batch:
             self._optimizer_step()
         batch_size = batch["chosen"]["input_ids"].shape[0]
         self.log_dict({f"train/{k}": v.float() for k, v in logs.items()}, prog_bar=False, batch_size=batch_size)
@@ -251,8 +238,8 @@ class EditModule(L.LightningModule):
     def _fail_non_finite(self, what: str) -> None:
         raise FloatingPointError(
             f"non-finite {what} at epoch {self.current_epoch} (round {self.datamodule.current_round}), optimiser step "
-            f"{self.global_step}: the run stops before stepping or saving it. Lower model.learning_rate (now "
-            f"{self.hparams.learning_rate}) or check the checkpoint and data this run started from.")
+            f"{self.global_step}: the run stops before stepping or saving it. Lower model.optimizer.learning_rate "
+            f"(now {self.optimizer_settings.learning_rate}) or check the checkpoint and data this run started from.")
 
     def _accumulate(self, grads: list[Tensor | None]) -> None:
         if self._accumulated is None:
@@ -273,7 +260,8 @@ class EditModule(L.LightningModule):
             self._fail_non_finite("gradient")
         for p, g in zip(self.trainable, grads):
             p.grad = g
-        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        self.clip_gradients(optimizer, gradient_clip_val=self.optimizer_settings.max_grad_norm,
+                            gradient_clip_algorithm="norm")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -326,12 +314,12 @@ class EditModule(L.LightningModule):
 
     def _check_same_settings(self, saved: dict[str, Any]) -> None:
         """Resuming with other training settings would silently mix two runs: refuse, naming them."""
-        changed = {k: (saved[k], v) for k, v in self.hparams.items()
-                   if k in saved and k not in EVALUATION_SETTINGS and saved[k] != v}
+        changed = [f"{name}: {saved[name]!r} in the checkpoint, {now!r} now" for name, now in self.hparams.items()
+                   if name in saved and name not in CHANGEABLE_ON_RESUME and saved[name] != now]
         if changed:
-            listed = ", ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in changed.items())
-            raise ValueError(f"the checkpoint to resume was trained with other settings ({listed}); start a new "
-                             "run (--ckpt_path null, or another trainer.logger.init_args.name) or restore them")
+            raise ValueError(f"the checkpoint to resume was trained with other settings ({'; '.join(changed)}); "
+                             "start a new run (--ckpt_path null, or another trainer.logger.init_args.name) or "
+                             "restore them")
 
     # ---- evaluation --------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -351,50 +339,19 @@ class EditModule(L.LightningModule):
         self._score_and_log("test")
 
     def _score_and_log(self, prefix: str) -> None:
-        self.last_scores = self._compute_scores()
-        # torchmetrics already reduced the scores over ranks, so every rank holds the same values and the
-        # mean that sync_dist takes leaves them unchanged (and every rank can monitor them)
-        for name, value in self.last_scores["all"].items():
-            self.log(f"{prefix}/{name}", value, sync_dist=True)
-
-    def _compute_scores(self) -> dict[str, Any]:
         dm = self.datamodule
         names_by_round = {
-            r: metric_names((p.probe for p in dm.eval_probes(r) if p.edit_round == r), self.hparams.generation)
+            r: metric_names((p.probe for p in dm.eval_probes(r) if p.edit_round == r), self.evaluation_settings.generation)
             for r in range(dm.current_round + 1)
         }
-        return {"eval_round": dm.current_round, **self.evaluator.compute(names_by_round)}
+        self.scores = self.evaluator.compute(dm.current_round, names_by_round)
+        # torchmetrics already reduced the scores over ranks, so every rank holds the same values and the
+        # mean that sync_dist takes leaves them unchanged (and every rank can monitor them)
+        for name, value in self.scores.all.items():
+            self.log(f"{prefix}/{name}", value, sync_dist=True)
 
 
 def _all_finite(tensors: Any) -> bool:
     """One device sync for a whole list of tensors (``None`` entries are skipped)."""
     flags = [torch.isfinite(t.detach()).all() for t in tensors if t is not None]
     return not flags or bool(torch.stack(flags).all())
-
-
-def _check_settings(hp: Any) -> None:
-    """Every numeric setting in its range, at configuration time (not after a round of training)."""
-    rules = {
-        "beta": (hp.beta > 0, "> 0 (the DPO temperature)"),
-        "rho": (hp.rho >= 0, ">= 0 (the SAM radius)"),
-        "learning_rate": (hp.learning_rate > 0, "> 0"),
-        "weight_decay": (hp.weight_decay >= 0, ">= 0"),
-        "warmup_steps": (hp.warmup_steps >= 0, ">= 0"),
-        "max_grad_norm": (hp.max_grad_norm > 0, "> 0"),
-        "accumulate": (hp.accumulate >= 1, ">= 1"),
-        "lora_r": (hp.lora_r >= 1, ">= 1"),
-        "lora_alpha": (hp.lora_alpha > 0, "> 0"),
-        "lora_dropout": (0 <= hp.lora_dropout < 1, "in [0, 1)"),
-        "sft_weight": (hp.sft_weight is None or hp.sft_weight >= 0, ">= 0"),
-        "dpo_weight": (hp.dpo_weight is None or hp.dpo_weight >= 0, ">= 0"),
-        "max_new_tokens": (hp.max_new_tokens >= 1, ">= 1"),
-        "code_max_new_tokens": (hp.code_max_new_tokens >= 1, ">= 1"),
-        "code_samples": (hp.code_samples >= max(hp.pass_k, default=1), f">= the largest pass_k ({max(hp.pass_k, default=1)})"),
-        "pass_k": (len(hp.pass_k) > 0 and min(hp.pass_k) >= 1, "a non-empty list of k >= 1"),
-        "code_temperature": (hp.code_temperature > 0, "> 0 (sampled solutions)"),
-        "sandbox_timeout_s": (hp.sandbox_timeout_s > 0, "> 0 seconds"),
-        "dtype": (hp.dtype in ("float32", "bfloat16", "float16", "auto"), "float32, bfloat16, float16 or auto"),
-    }
-    bad = [f"model.{name} = {hp[name]!r} (expected {expected})" for name, (ok, expected) in rules.items() if not ok]
-    if bad:
-        raise ValueError("invalid settings: " + "; ".join(bad))

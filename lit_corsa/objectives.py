@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
-Merge = Literal["sequential", "symmetric", "average", "weighted_sum"]
+from lit_corsa.pcgrad import Mode as Projection
+from lit_corsa.settings import ObjectiveSettings
+
+Merge = Literal[Projection, "weighted_sum"]
 
 
 @dataclass(frozen=True)
@@ -19,8 +22,8 @@ class Objective:
 
     use_dpo: add the DPO margin loss (needs the old answer and cached reference log-probs).
     use_sam: take the SAM two-pass step (ascent of ρ along the merged gradient, then the update there).
-    merge: how the two task gradients combine: PCGrad ``sequential`` (the reference: only DPO is ever
-        projected) or ``symmetric``, then averaged; ``average`` without projection; ``weighted_sum`` =
+    merge: how the two task gradients combine: a PCGrad mode (:mod:`lit_corsa.pcgrad`: ``sequential``, the
+        reference's rule, ``symmetric``, or ``none``, then averaged), or ``weighted_sum`` =
         sft_weight·g_sft + dpo_weight·g_dpo (EasyEdit's DPO editor: one loss, 0.99·SFT + 0.01·DPO).
     """
 
@@ -45,21 +48,17 @@ METHODS: dict[str, Objective] = {
 }
 
 
-def resolve_objective(method: str, projection: str | None = None, sft_weight: float | None = None,
-                      dpo_weight: float | None = None) -> Objective:
-    """A named method, with optional overrides (``projection``: "sequential", "symmetric" or "none")."""
+def resolve_objective(method: str, settings: ObjectiveSettings = ObjectiveSettings()) -> Objective:
+    """A named method, with the settings' overrides of its projection and loss weights."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
     objective = METHODS[method]
-    if projection is not None:
+    if settings.projection is not None:
         if not objective.needs_two_gradients:
-            raise ValueError(f"projection={projection!r} has no effect on method {method!r} (it has one loss)")
-        merges = {"sequential": "sequential", "symmetric": "symmetric", "none": "average"}
-        if projection not in merges:
-            raise ValueError(f"unknown projection {projection!r}; choose one of {sorted(merges)}")
-        objective = replace(objective, merge=merges[projection])
-    if sft_weight is not None:
-        objective = replace(objective, sft_weight=sft_weight)
-    if dpo_weight is not None:
-        objective = replace(objective, dpo_weight=dpo_weight)
+            raise ValueError(f"projection={settings.projection!r} has no effect on method {method!r} (it has one loss)")
+        objective = replace(objective, merge=settings.projection)
+    if settings.sft_weight is not None:
+        objective = replace(objective, sft_weight=settings.sft_weight)
+    if settings.dpo_weight is not None:
+        objective = replace(objective, dpo_weight=settings.dpo_weight)
     return objective

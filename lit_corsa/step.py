@@ -21,7 +21,6 @@ from lit_corsa.pcgrad import project_conflicting
 from lit_corsa.sam import global_grad_norm, sam_perturb, sam_restore
 
 Grads = list[Optional[Tensor]]
-_PCGRAD_MODE = {"sequential": "sequential", "symmetric": "symmetric", "average": "none"}
 
 
 @dataclass
@@ -74,7 +73,7 @@ class EditStep:
             return PassResult(_grad((sft + dpo) * scale, params), sft.detach(), dpo.detach(), margin, False)
         g_dpo = _grad(dpo * scale, params, retain_graph=True)
         g_sft = _grad(sft * scale, params)
-        merged, projected = project_conflicting(g_dpo, g_sft, _PCGRAD_MODE[objective.merge])
+        merged, projected = project_conflicting(g_dpo, g_sft, objective.merge)
         return PassResult(merged, sft.detach(), dpo.detach(), margin, projected)
 
     def __call__(self, model: nn.Module, params: list[Tensor], batch: dict[str, Any],

@@ -46,7 +46,7 @@ def main(out_dir: Path) -> None:
     requests = [EncodedRequest(i, [1, 5 + rank, 6, 7 + i], [9, 10 + rank], [11]) for i in range(2)]
     batch = RequestCollator(pad_id=0)(requests)
     logps = torch.tensor([[-3.0, -2.5], [-4.0, -1.0]])
-    step = EditStep(resolve_objective("corsa", None, None, None), beta=0.1, rho=0.05)
+    step = EditStep(resolve_objective("corsa"), beta=0.1, rho=0.05)
     grads, _ = step(model, adapter, batch, logps)
     grads_ref, _ = step(reference, adapter_ref, batch, logps)
     result["step_max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(grads, grads_ref))

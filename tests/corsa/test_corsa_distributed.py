@@ -38,11 +38,9 @@ trainer:
 model:
   model_name_or_path: world:model
   method: {method}
-  learning_rate: 1.0e-2
-  warmup_steps: 1
-  lora_r: 4
-  lora_alpha: 8
-  generation: true   # under FSDP, generation must keep the ranks in lockstep
+  optimizer: {{learning_rate: 1.0e-2, warmup_steps: 1}}
+  lora: {{r: 4, alpha: 8}}
+  evaluation: {{generation: true}}   # under FSDP, generation must keep the ranks in lockstep
 data:
   class_path: data.counterfact.CounterFactDataModule
   init_args:

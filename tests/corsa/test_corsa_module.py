@@ -13,8 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from callbacks.edit_report import EditReport
 from callbacks.run_checkpoint import RunCheckpoint
+from data.base import round_protocol
 from data.counterfact import CounterFactDataModule
 from lit_corsa.module import EditModule
+from lit_corsa.settings import EvaluationSettings, LoraSettings, ObjectiveSettings, OptimizerSettings
 
 EPOCHS = 4  # per round
 
@@ -25,14 +27,16 @@ def _run(tiny_assets, tmp_path, *, method="corsa", rounds=3, stop_after=None, ck
     L.seed_everything(0, verbose=False)
     dm = CounterFactDataModule(source=str(root / "world" / "counterfact.json"), tokenizer=str(root / "model"),
                                num_updates=rounds, edits_per_update=4, epochs_per_update=EPOCHS, batch_size=2)
-    module = EditModule(model_name_or_path=str(root / "model"), method=method, learning_rate=learning_rate, warmup_steps=1,
-                        lora_r=4, lora_alpha=8, generation=True, max_new_tokens=4,
-                        fresh_optimizer_per_round=fresh, dtype=dtype, accumulate=accumulate)
-    epochs = EPOCHS * (stop_after if stop_after is not None else rounds)
+    module = EditModule(model_name_or_path=str(root / "model"), method=method, dtype=dtype,
+                        optimizer=OptimizerSettings(learning_rate=learning_rate, warmup_steps=1, accumulate=accumulate,
+                                                    fresh_per_round=fresh),
+                        lora=LoraSettings(r=4, alpha=8), evaluation=EvaluationSettings(max_new_tokens=4))
+    protocol = round_protocol(rounds, EPOCHS)
+    if stop_after is not None:
+        protocol["max_epochs"] = EPOCHS * stop_after
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision=precision, max_epochs=epochs, max_steps=max_steps,
-        check_val_every_n_epoch=EPOCHS,
-        reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, logger=False, enable_progress_bar=False,
+        accelerator="cpu", devices=1, precision=precision, max_steps=max_steps, **protocol,
+        logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
         callbacks=[EditReport(output_dir=str(tmp_path / "run"), merge_adapter=True),
                    RunCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=3), *callbacks],
@@ -141,15 +145,22 @@ def test_bf16_base_with_bf16_mixed_precision_edits_and_keeps_the_base(tiny_asset
     assert metrics["summary"]["immediate"]["ES"] > 0.5
 
 
-@pytest.mark.parametrize("setting, value", [("rho", -0.05), ("beta", -0.1), ("beta", 0.0), ("sandbox_timeout_s", 0.0),
-                                            ("accumulate", 0), ("lora_dropout", 1.0), ("pass_k", (1, 10))])
-def test_bad_settings_fail_at_configuration(setting, value):
-    with pytest.raises(ValueError, match=rf"invalid settings: model\.\w+ = "):
-        EditModule(**{setting: value})
+@pytest.mark.parametrize("group, setting, value", [
+    (ObjectiveSettings, "rho", -0.05), (ObjectiveSettings, "beta", 0.0), (EvaluationSettings, "sandbox_timeout_s", 0.0),
+    (OptimizerSettings, "accumulate", 0), (LoraSettings, "dropout", 1.0), (EvaluationSettings, "pass_k", (1, 10)),
+])
+def test_bad_settings_fail_at_configuration(group, setting, value):
+    with pytest.raises(ValueError, match=r"invalid settings: model\.\w+\.\w+ = "):
+        group(**{setting: value})
+
+
+def test_every_bad_setting_of_a_group_is_reported_at_once():
+    with pytest.raises(ValueError, match=r"model\.objective\.beta = -1 .*; model\.objective\.rho = -1 "):
+        ObjectiveSettings(beta=-1, rho=-1)
 
 
 def test_a_diverging_run_stops_before_stepping_or_saving(tiny_assets, tmp_path):
-    with pytest.raises(FloatingPointError, match=r"non-finite loss .* Lower model.learning_rate \(now 1e\+30\)"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* Lower model.optimizer.learning_rate \(now 1e\+30\)"):
         _run(tiny_assets, tmp_path, learning_rate=1e30)
     assert not (tmp_path / "ckpt" / "last.ckpt").exists()
 

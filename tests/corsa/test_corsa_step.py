@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from data.tokenization import RequestCollator, EncodedRequest
 from lit_corsa.objectives import METHODS, resolve_objective
+from lit_corsa.settings import ObjectiveSettings
 from lit_corsa.step import EditStep
 
 
@@ -65,12 +66,12 @@ def _reference_gradient(model, params, batch, reference, beta, rho, sam, merge):
     return g
 
 
-@pytest.mark.parametrize("method, merge", [("corsa", "sequential"), ("dpo", "sequential"), ("corsa", "average")])
+@pytest.mark.parametrize("method, merge", [("corsa", "sequential"), ("dpo", "sequential"), ("corsa", "none")])
 def test_step_matches_plain_pytorch(tiny, method, merge):
     model, batch, reference = tiny
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    objective = resolve_objective(method, projection={"sequential": "sequential", "average": "none"}[merge])
+    objective = resolve_objective(method, ObjectiveSettings(projection=merge))
     grads, logs = EditStep(objective, beta=0.1, rho=0.05)(model, params, batch, reference)
     ours = torch.cat([g.reshape(-1) for g in grads])
     expected = _reference_gradient(model, params, batch, reference, 0.1, 0.05, objective.use_sam, merge)
@@ -109,7 +110,7 @@ def test_rows_without_old_answer_drop_out_of_the_margin(tiny):
     model, batch, reference = tiny
     params = [p for p in model.parameters() if p.requires_grad]
     batch["has_rejected"] = torch.tensor([True, False, True])
-    step = EditStep(resolve_objective("dpo", projection="none"))
+    step = EditStep(resolve_objective("dpo", ObjectiveSettings(projection="none")))
     full = step.one_pass(model, params, batch, reference)
     sub = {"chosen": {k: v[[0, 2]] for k, v in batch["chosen"].items()},
            "rejected": {k: v[[0, 2]] for k, v in batch["rejected"].items()},
@@ -122,4 +123,4 @@ def test_unknown_method_and_useless_projection():
     with pytest.raises(ValueError, match="unknown method 'rome'"):
         resolve_objective("rome")
     with pytest.raises(ValueError, match="has no effect on method 'lora'"):
-        resolve_objective("lora", projection="symmetric")
+        resolve_objective("lora", ObjectiveSettings(projection="symmetric"))

@@ -31,11 +31,9 @@ trainer:
 model:
   model_name_or_path: {model}
   method: corsa
-  learning_rate: 1.0e-2
-  warmup_steps: 1
-  lora_r: 4
-  lora_alpha: 8
-  max_new_tokens: 4
+  optimizer: {{learning_rate: 1.0e-2, warmup_steps: 1}}
+  lora: {{r: 4, alpha: 8}}
+  evaluation: {{max_new_tokens: 4}}
 data:
   class_path: data.counterfact.CounterFactDataModule
   init_args:
