@@ -6,7 +6,7 @@
 Every method runs through the same EditModule, data, rounds and seeds; only the objective differs.
 Prints a markdown table (mean ± std over seeds) and writes JSON to ``bench/results/edit_quality.json``.
 Step cost is wall time per optimizer step measured in the same process, reported as a ratio to the
-``dpo`` step (the spec's cost target: corsa <= 2.1 x dpo) and to ``lora``.
+``dpo`` step (the cost target of issue 3: corsa <= 2.1 x dpo) and to ``lora``.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def markdown(table: dict[str, dict], args: argparse.Namespace) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\n{args.benchmark}, {args.rounds} rounds x {args.edits_per_round} edits, "
                  f"{args.epochs_per_round} epochs per round, seeds {args.seeds}; final = after the last round over all "
-                 "edits; imm. = each round's edits right after their round; forget = spec §6 (positive = forgotten).")
+                 "edits; imm. = each round's edits right after their round; forget = docs/corsa.md §6 (positive = forgotten).")
     return "\n".join(lines)
 
 

@@ -26,7 +26,7 @@ PROTOCOL_NOTES = {
     "schedule": "after training round k, every edit of rounds 0..k is scored (sequential editing)",
     "immediate": "mean over rounds r of the score of round r's edits right after round r",
     "final": "mean over rounds r of the score of round r's edits after the last round",
-    "forgetting": "spec §6: mean over r < last of (immediate score of round r - its score after the last round); "
+    "forgetting": "mean over r < last of (immediate score of round r - its score after the last round); "
                   "positive = forgotten",
 }
 
@@ -157,7 +157,7 @@ class EditReport(L.Callback):
         self.save_adapter(pl_module, run_dir)
         if self.history:
             rank_zero_info(f"\n{pl_module.hparams.get('method')} after {len(self.history)} round(s) (forgetting as "
-                           f"spec §6, positive = forgotten; protocols in metrics.json):\n"
+                           f"docs/corsa.md §6, positive = forgotten; protocols in metrics.json):\n"
                            f"{summary_table(summarise(self.history))}\nresults in {run_dir}")
 
     def save_adapter(self, pl_module: L.LightningModule, run_dir: Path) -> None:

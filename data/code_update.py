@@ -89,6 +89,7 @@ def _parse_update(reader: RecordReader) -> dict[str, str]:
     update = reader.child(reader.get("update", lambda v: isinstance(v, dict), "an object"), "update")
     fields = ("update_id", "function_path", "docstring", "imports", "implementation")
     parsed = {name: update.string(name) for name in fields}
+    parsed["update_type"] = update.string("update_type") if update.has("update_type") else ""
     if "." not in parsed["function_path"]:
         raise update.error("function_path", "a dotted path such as 'math.sin'", parsed["function_path"])
     for name in ("imports", "implementation"):
@@ -114,6 +115,7 @@ def _parse_example(reader: RecordReader, update: dict[str, str]) -> tuple[EditRe
                           if reader.has(imports_field) else ""),
         solution_signature=signature,
         unit_tests=_unit_tests(reader, "unit_tests"),
+        update_type=update["update_type"],
     )
     prompt = f"{problem}\n{signature}"
     return EditRequest(prompt, body, old), Probe("program", prompt, body, old, program)

@@ -146,6 +146,7 @@ class ProgramTest:
     solution_imports: str
     solution_signature: str
     unit_tests: tuple[str, ...]
+    update_type: str = ""  # CodeUpdateArena's; "modify-function-name" removes the old name when patching
 
 
 @dataclass(frozen=True)

@@ -186,13 +186,11 @@ class ProbeCollator:
         prompts = [i.prompt_ids for i in items]
         pair = _pair(prompts, [i.target_ids for i in items], [i.contrast_ids for i in items], self.pad_id)
         return {
-            "probe_id": torch.tensor([i.probe_id for i in items]),
             "edit_round": torch.tensor([i.edit_round for i in items]),
             "kind": torch.tensor([PROBE_KINDS.index(i.probe.kind) for i in items]),
             "target": pair["first"],
             "contrast": pair["second"],
             "has_contrast": pair["has_second"],
             "prompt": _left_padded(prompts, self.pad_id),
-            "answer_length": torch.tensor([len(i.target_ids) for i in items]),
             "probes": ProbeList([i.probe for i in items]),
         }

@@ -68,7 +68,8 @@ def metric_names(probes: Iterable[Probe], generation: bool) -> set[str]:
 def solution_passes(test: ProgramTest, body: str, timeout_s: float = 10.0) -> bool:
     """Run a generated solution body against its unit tests, with the API update patched in, in the sandbox."""
     solution = f"{test.solution_imports}\n{join_solution(test.solution_signature, body)}\n"
-    program = build_program(test.imports, test.implementation, test.function_path, solution, test.unit_tests)
+    program = build_program(test.imports, test.implementation, test.function_path, solution, test.unit_tests,
+                            update_type=test.update_type)
     return run_python(program, timeout_s=timeout_s).passed
 
 

@@ -44,15 +44,15 @@ def token_counts(labels: Tensor, ignore_index: int = -100) -> Tensor:
     return (labels[:, 1:] != ignore_index).sum(dim=-1)
 
 
-def sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean negative log-likelihood over all answer tokens of the batch (token-level mean).
+def sft_loss(sequence_logps: Tensor, counts: Tensor) -> Tensor:
+    """Mean negative log-likelihood over all answer tokens of the batch (token-level mean), read off the
+    summed log-probs and token counts the DPO term uses too (one forward serves both losses).
 
-    Matches ``F.cross_entropy(..., ignore_index=-100)`` on shifted logits, except that a batch with no
+    Equals ``F.cross_entropy(..., ignore_index=-100)`` on shifted logits, except that a batch with no
     answer token gives 0 (and a zero gradient) instead of NaN, so one fully truncated batch cannot poison
     the SAM norm; the check costs no device sync.
     """
-    logp, mask = _token_logprobs(logits, labels, ignore_index)
-    return -logp.sum() / mask.sum().clamp(min=1)
+    return -sequence_logps.sum() / counts.sum().clamp(min=1)
 
 
 def dpo_loss(

@@ -1,4 +1,4 @@
-"""Edit-quality metrics (spec §6) as torchmetrics ``Metric``s, plus the forgetting summary.
+"""Edit-quality metrics (docs/corsa.md §6) as torchmetrics ``Metric``s, plus the forgetting summary.
 
 Every metric keeps only sums (hits, totals) with ``dist_reduce_fx="sum"``, so under DDP each rank
 scores its shard and the reduction is exact: a mean of per-rank means would weight ranks, not examples.
@@ -6,13 +6,12 @@ scores its shard and the reduction is exact: a mean of per-rank means would weig
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-Direction = Literal["new_over_old", "old_over_new"]
 
 
 class _FractionMetric(Metric):
@@ -34,9 +33,9 @@ class _FractionMetric(Metric):
 class ProbabilityComparison(_FractionMetric):
     """CounterFact's ES / PS / NS: the fraction of examples whose answer comparison holds.
 
-    ``direction="new_over_old"`` counts p(new) > p(old) (efficacy on the edit prompt, paraphrase score
-    on paraphrases); ``"old_over_new"`` counts p(old) > p(new) (neighbourhood score: unrelated subjects
-    must keep their true answer). Comparisons are strict.
+    Counts p(target) > p(contrast), strictly: for efficacy and paraphrase probes the target is the new
+    answer and the contrast the old one; for neighbourhood probes the target is the neighbour's true answer
+    and the contrast the edit's new answer (unrelated subjects must keep their truth).
 
     ROME's convention: the two answers are compared by their *length-normalised* log-probability (mean
     token log-prob, i.e. ROME's mean token NLL), so a multi-token answer is not penalised for its length.
@@ -44,18 +43,10 @@ class ProbabilityComparison(_FractionMetric):
     ``losses.token_counts``) and normalises itself.
     """
 
-    def __init__(self, direction: Direction = "new_over_old", **kwargs: Any) -> None:
-        if direction not in ("new_over_old", "old_over_new"):
-            raise ValueError(f"direction must be 'new_over_old' or 'old_over_new', got {direction!r}")
-        super().__init__(**kwargs)
-        self.direction = direction
-
-    def update(self, logp_new: Tensor, logp_old: Tensor, count_new: Tensor, count_old: Tensor) -> None:
-        if bool((count_new <= 0).any()) or bool((count_old <= 0).any()):
+    def update(self, logp_target: Tensor, logp_contrast: Tensor, count_target: Tensor, count_contrast: Tensor) -> None:
+        if bool((count_target <= 0).any()) or bool((count_contrast <= 0).any()):
             raise ValueError("every answer needs at least one scored token to be compared")
-        new = logp_new.double() / count_new
-        old = logp_old.double() / count_old
-        holds = new > old if self.direction == "new_over_old" else old > new
+        holds = logp_target.double() / count_target > logp_contrast.double() / count_contrast
         self.numerator += holds.sum()
         self.denominator += holds.numel()
 

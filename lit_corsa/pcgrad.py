@@ -1,4 +1,4 @@
-"""PCGrad merge of the DPO and SFT task gradients (CoRSA step, spec §3.2).
+"""PCGrad merge of the DPO and SFT task gradients (CoRSA step, docs/corsa.md §3.2).
 
 Each gradient is a list with one tensor per trainable parameter, read as one flat vector: inner products
 and norms run over all parameters at once, in fp32, so the conflict test sees the whole LoRA update and

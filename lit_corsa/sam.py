@@ -1,4 +1,4 @@
-"""SAM's ascent step on a list of parameters (CoRSA step, spec §3.3 and §3.5).
+"""SAM's ascent step on a list of parameters (CoRSA step, docs/corsa.md §3.3 and §3.5).
 
 ``sam_perturb`` moves the parameters φ to φ + ε with ε = ρ · d / sqrt(‖d‖² + 1e-12), d the (merged)
 gradient; ``sam_restore`` puts φ back.

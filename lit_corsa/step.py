@@ -1,4 +1,4 @@
-"""The gradient of one CoRSA micro-batch (spec §3 steps 1-4), without Lightning.
+"""The gradient of one CoRSA micro-batch (docs/corsa.md §3 steps 1-4), without Lightning.
 
 One pass = one forward of chosen and rejected rows as a single batch of 2B sequences; both losses come
 from that forward (SFT from the chosen rows' token log-probs, DPO from the summed log-probs of both),
@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from lit_corsa.losses import dpo_loss, sequence_logprobs, token_counts
+from lit_corsa.losses import dpo_loss, sequence_logprobs, sft_loss, token_counts
 from lit_corsa.objectives import Objective
 from lit_corsa.pcgrad import project_conflicting
 from lit_corsa.sam import global_grad_norm, sam_perturb, sam_restore
@@ -58,8 +58,7 @@ class EditStep:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         logps = sequence_logprobs(logits, labels)
         rows = batch["chosen"]["input_ids"].shape[0]
-        # the SFT loss is the token-level mean NLL of the chosen rows, read off the same log-probs
-        sft = -logps[:rows].sum() / token_counts(labels[:rows]).sum().clamp(min=1) * objective.sft_weight
+        sft = sft_loss(logps[:rows], token_counts(labels[:rows])) * objective.sft_weight
         if not objective.use_dpo:
             return PassResult(_grad(sft * scale, params), sft.detach(), None, None, False)
         has_rejected = batch["has_rejected"]

@@ -58,25 +58,29 @@ def test_token_counts_follow_the_shift():
     assert token_counts(labels).tolist() == [2, 1, 0]
 
 
+def _sft(logits, labels):
+    return sft_loss(sequence_logprobs(logits, labels), token_counts(labels))
+
+
 def test_sft_loss_is_the_token_level_mean_like_cross_entropy():
     logits, labels = _batch(2)
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(sft_loss(logits, labels), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(_sft(logits, labels), expected, atol=1e-6, rtol=1e-6)
     # and not the mean of per-example means (answers have 4, 1 and 5 tokens)
     per_example = -sequence_logprobs(logits, labels) / token_counts(labels)
-    assert abs(sft_loss(logits, labels).item() - per_example.mean().item()) > 1e-3
+    assert abs(_sft(logits, labels).item() - per_example.mean().item()) > 1e-3
 
 
 def test_sft_loss_on_hand_numbers():
     logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0]]])
     labels = torch.tensor([[-100, 0, 1]])
-    assert sft_loss(logits, labels).item() == pytest.approx(3 * math.log(2) / 2, abs=1e-6)
+    assert _sft(logits, labels).item() == pytest.approx(3 * math.log(2) / 2, abs=1e-6)
 
 
 def test_sft_loss_without_answer_tokens_is_zero_with_zero_gradient():
     logits = torch.randn(2, 4, 5, requires_grad=True)
     labels = torch.full((2, 4), -100)
-    loss = sft_loss(logits, labels)
+    loss = _sft(logits, labels)
     loss.backward()
     assert loss.item() == 0.0
     assert torch.equal(logits.grad, torch.zeros_like(logits))

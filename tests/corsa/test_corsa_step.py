@@ -1,4 +1,4 @@
-"""The CoRSA step (lit_corsa.step) equals a plain-PyTorch reimplementation of spec §3 on a tiny model."""
+"""The CoRSA step (lit_corsa.step) equals a plain-PyTorch reimplementation of docs/corsa.md §3 on a tiny model."""
 
 import pytest
 import torch
