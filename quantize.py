@@ -2,10 +2,10 @@
 
 A LightningCLI over :class:`lit_tacq.module.CalibrationModule` and
 :class:`lit_tacq.calibration.CalibrationDataModule`; the :class:`callbacks.tacq.TaCQCallback` named in
-the config's ``trainer.callbacks`` accumulates gradients during the one calibration epoch and writes the
-packed model at its end. The tokenizer follows the model; the calibration is exactly one epoch.
-``ckpt_path`` defaults to ``last``: rerunning the same command resumes an interrupted calibration or
-quantization.
+the config's ``trainer.callbacks`` (required: the CLI refuses a config without it) accumulates gradients
+during the one calibration epoch and writes the packed model at its end. The tokenizer follows the model;
+the calibration is exactly one epoch. ``ckpt_path`` defaults to ``last``: rerunning the same command
+resumes an interrupted calibration or quantization (the latter per decoder block).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import warnings
 from lightning.pytorch.cli import LightningCLI
 
 from callbacks.run_checkpoint import resume_by_default
+from callbacks.tacq import TaCQCallback
 from lit_tacq.calibration import CalibrationDataModule
 from lit_tacq.module import CalibrationModule
 
@@ -23,6 +24,16 @@ class QuantizeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
         parser.set_defaults({"trainer.max_epochs": 1})
+
+    def before_fit(self) -> None:
+        """Refuse a calibration whose result nobody keeps: the TaCQCallback is what quantizes and exports it.
+        Runs after the config is parsed and before the model is loaded."""
+        count = sum(isinstance(callback, TaCQCallback) for callback in self.trainer.callbacks)
+        if count != 1:
+            raise ValueError(
+                f"quantize.py fit needs exactly one callbacks.tacq.TaCQCallback in trainer.callbacks, found {count}: "
+                "without it the calibration's gradients are thrown away, with two every gradient is counted twice "
+                "(see configs/demo_tacq.yaml)")
 
 
 def main(args: list[str] | None = None) -> QuantizeCLI:

@@ -1,28 +1,45 @@
-"""TaCQCallback: accumulate A = sum_n |dL_n/dW| during the calibration epoch, quantize at its end.
+"""TaCQCallback: accumulate A = sum_n |dL_n/dW| during the calibration epoch, then quantize and export.
 
-During the epoch (one example per step, see ``lit_tacq.module``) every backward adds each decoder
-Linear's |grad| to a float32 accumulator. When the epoch is complete, the accumulators are summed across
-DDP ranks (once), and rank 0 runs the TaCQ pipeline (``lit_tacq.pipeline``: reference GPTQ -> saliency
--> global top-p mask -> masked GPTQ), writes the packed model to ``export_dir`` with a ``report.json``,
-reloads it from disk and prints its accuracy and bits per weight.
+A run, hook by hook:
 
-The GPTQ Hessians are not accumulated during the epoch: spec §2 wants each layer's H from inputs that
-went through the already-quantized earlier layers, which only exist during the pipeline's sequential
-passes (an H of the unquantized model's activations would be the wrong matrix for every layer after the
-first group), so the pipeline measures them there, on the same calibration examples.
+- ``setup``: refuse fp16 loss scaling; agree on one run id across ranks (a resume takes the checkpoint's).
+- ``on_train_batch_start`` / ``on_after_backward`` (one example per step, see ``lit_tacq.module``): every
+  decoder Linear's |grad| is added to a float32 accumulator. A non-finite gradient stops the run with the
+  example's index (the module does the same for a non-finite loss), before it can reach the mask.
+- ``on_save_checkpoint``: every rank writes its accumulators to a safetensors side file,
+  ``<checkpoint dir>/tacq_state/accumulators-step<N>-rank<R>.safetensors``, and the checkpoint's state of
+  this callback names it; ``state_dict`` only returns plain data. With the data module's resumable loader,
+  an interrupted calibration resumes where it stopped and ends with the same A.
+- ``on_fit_end``: once every example has its gradient, the accumulators are summed across ranks and rank 0
+  runs the TaCQ pipeline (``lit_tacq.pipeline``: reference GPTQ -> saliency -> global top-p mask -> masked
+  GPTQ), writes the packed model with a ``report.json``, reloads it from disk and prints its accuracy and
+  bits per weight. A calibration that stopped early (``max_steps``, ``limit_train_batches``) is an error
+  that says how far it got and how to resume; nothing is quantized from part of the data.
 
-Resumable: the callback's state (progress, settings, timing) lives in the Lightning checkpoint, the
-model-sized accumulators in safetensors side files next to it (``<checkpoint dir>/tacq_state/``, one per
-rank and save), which the state points to. Together with the data module's resumable loader, an
-interrupted calibration resumes where it stopped and ends with the same mask. The model weights are never
-written to a checkpoint (the module drops them), quantized or not.
+Why ``on_fit_end`` and not ``on_train_end``: in Lightning 2.6 ``Trainer._run`` -> ``fit_loop.run()``
+returns at once when the loop is already done, i.e. on a rerun that resumes from the checkpoint saved at the
+end of the calibration epoch, so ``on_train_start``/``on_train_end`` never run there and a run killed during
+quantization would "resume" to exit 0 with no export. ``on_fit_end`` runs after every fit that raised
+nothing, fresh or resumed: one path for both. It comes after ``strategy.teardown()``, which moves the module
+to the CPU (the DDP process group is still up), so the module goes back to ``strategy.root_device`` first.
+
+Quantization is resumable per decoder block: the pipeline persists its progress in ``<export_dir>.partial/``
+(``lit_tacq.workdir``), the export is written to ``<export_dir>.partial/export/`` and moved to
+``export_dir`` in one rename once its report.json is complete; then the work directory and this run's
+accumulator side files (needed until then: a crash during quantization resumes from the calibration's
+checkpoint) are deleted. A rerun of a finished run finds its id in ``export_dir/report.json``, says so and
+redoes nothing. The GPTQ Hessians are not accumulated during the epoch: spec §2 wants each layer's H from
+inputs that went through the already-quantized earlier layers, which only exist during the pipeline's
+sequential passes. The model weights are never written to a checkpoint (the module drops them).
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import shutil
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,12 +52,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from callbacks.run_checkpoint import replace_atomically
+from lit_tacq.calibration import example_index
 from lit_tacq.evaluation import evaluate
 from lit_tacq.io import accounted_bits_per_weight, load_quantized, measured_bits_per_weight, save_quantized
 from lit_tacq.layers import decoder_linears
 from lit_tacq.pipeline import QuantSettings, quantize_model
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: run id; side files named by on_save_checkpoint
+REPORT_FILE = "report.json"
 
 
 def _peak_memory_mb() -> dict[str, float]:
@@ -55,7 +75,8 @@ class TaCQCallback(Callback):
     """Task-circuit quantization of the module's model at the end of a calibration fit.
 
     Args:
-        export_dir: where the packed model, its tokenizer and ``report.json`` are written.
+        export_dir: where the packed model, its tokenizer and ``report.json`` are written; the quantization's
+            work directory is ``<export_dir>.partial`` until the export is complete.
         quant: bits, group size, kept fraction p, saliency scorer, reference and final quantizer.
         accumulator_device: where A lives ("cpu" saves accelerator memory; default: with the weights).
         state_dir: directory of the accumulator side files (default: ``<checkpoint dir>/tacq_state``).
@@ -78,8 +99,18 @@ class TaCQCallback(Callback):
         eval_batch_size: int = 64,
         progress: bool = True,
     ) -> None:
-        if keep_state_files < 1:
-            raise ValueError("keep_state_files must be at least 1")
+        if not isinstance(quant, QuantSettings):
+            raise TypeError(f"quant must be a QuantSettings, got {type(quant).__name__}")
+        if not isinstance(keep_state_files, int) or keep_state_files < 1:
+            raise ValueError(f"keep_state_files={keep_state_files!r}, expected an integer >= 1")
+        if not isinstance(eval_batch_size, int) or eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size={eval_batch_size!r}, expected an integer >= 1")
+        if accumulator_device is not None:
+            try:
+                torch.device(accumulator_device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"accumulator_device={accumulator_device!r}, expected a torch device such as "
+                                 f"'cpu' or 'cuda' ({err})") from err
         self.export_dir = Path(export_dir)
         self.quant = quant
         self.accumulator_device = accumulator_device
@@ -90,6 +121,7 @@ class TaCQCallback(Callback):
         self.eval_batch_size = eval_batch_size
         self.progress = progress
 
+        self.run_id = uuid.uuid4().hex
         self.grad_abs_sum: dict[str, Tensor] | None = None
         self.examples_done = 0  # on this rank
         self.calibration_seconds = 0.0
@@ -100,6 +132,12 @@ class TaCQCallback(Callback):
         self._epoch_started: float | None = None
         self._written: list[Path] = []
         self._layers: dict[str, torch.nn.Linear] = {}
+        self._example = 0  # index in the calibration list of the example being processed
+
+    @property
+    def work_dir(self) -> Path:
+        """The quantization's work directory (module docstring)."""
+        return self.export_dir.with_name(f"{self.export_dir.name}.partial")
 
     # ---- setup and accumulation -----------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -107,6 +145,7 @@ class TaCQCallback(Callback):
             raise ValueError("TaCQ reads raw per-example gradients: use precision 32-true or bf16-true, "
                              "not 16-mixed (its loss scaling would scale A)")
         self._trainer = trainer
+        self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
 
     def _linears(self, pl_module: L.LightningModule) -> dict[str, torch.nn.Linear]:
         model = getattr(pl_module, "model", None)
@@ -115,7 +154,7 @@ class TaCQCallback(Callback):
         return decoder_linears(model)
 
     def _ensure_accumulators(self, pl_module: L.LightningModule) -> None:
-        if self.grad_abs_sum is not None or self.finished:
+        if self.grad_abs_sum is not None:
             return
         linears = self._linears(pl_module)
         if self._resume is not None and self._resume.get("step") is not None:
@@ -137,43 +176,91 @@ class TaCQCallback(Callback):
                                "set trainer.max_epochs=1")
         self._epoch_started = time.perf_counter()
 
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._example = example_index(trainer, batch_idx)
+
     @torch.no_grad()
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert self.grad_abs_sum is not None
-        for name, linear in self._layers.items():
-            if linear.weight.grad is not None:
-                accumulator = self.grad_abs_sum[name]
-                accumulator.add_(linear.weight.grad.abs().to(accumulator.device, torch.float32))
+        grads = {name: linear.weight.grad for name, linear in self._layers.items() if linear.weight.grad is not None}
+        finite = [torch.isfinite(grad).all() for grad in grads.values()]
+        if finite and not bool(torch.stack(finite).all()):  # one device sync per example
+            bad = [name for name, ok in zip(grads, finite) if not ok]
+            raise FloatingPointError(
+                f"calibration example {self._example} gave a non-finite gradient in {', '.join(bad[:3])}"
+                f"{' and more' if len(bad) > 3 else ''}: the run stops before it reaches A (and the mask). Check "
+                "that example, or calibrate in float32 (model.dtype) if the model overflows in half precision.")
+        for name, grad in grads.items():
+            accumulator = self.grad_abs_sum[name]
+            accumulator.add_(grad.abs().to(accumulator.device, torch.float32))
         self.examples_done += 1
 
-    # ---- end of the epoch: reduce, quantize, export ---------------------------------------------------
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.finished:
-            return
-        self._ensure_accumulators(pl_module)
+    # ---- end of the fit: reduce, quantize, export -------------------------------------------------------
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._epoch_started is not None:
             self.calibration_seconds += time.perf_counter() - self._epoch_started
             self._epoch_started = None
+        if trainer.strategy.broadcast(trainer.is_global_zero and self._already_exported(), src=0):
+            rank_zero_info(f"TaCQ: {self.export_dir} already holds this run's export (run {self.run_id}); "
+                           "nothing to redo")
+            self._clean_up(trainer)
+            return
+        pl_module.to(trainer.strategy.root_device)  # teardown moved it to the CPU
+        self._ensure_accumulators(pl_module)
         examples = getattr(trainer.datamodule, "examples", None)
         if examples is None:
             raise TypeError("TaCQCallback needs a data module with the calibration `examples` (CalibrationDataModule)")
-        count = torch.tensor(float(self.examples_done), device=pl_module.device)
+        count = torch.tensor(float(self.examples_done), device=trainer.strategy.root_device)
         done = int(trainer.strategy.reduce(count, reduce_op="sum").item())
         if done < len(examples):
-            rank_zero_info(f"TaCQ: calibration incomplete ({done}/{len(examples)} examples); "
-                           "resume from a checkpoint to finish it. Nothing was quantized.")
-            return
+            raise RuntimeError(self._incomplete_message(trainer, done, len(examples)))
         if done > len(examples):
             raise RuntimeError(f"{done} gradients were accumulated for {len(examples)} examples: some examples "
                                "were counted twice (under DDP keep use_distributed_sampler=True)")
         assert self.grad_abs_sum is not None
         grads = {name: trainer.strategy.reduce(a, reduce_op="sum") for name, a in self.grad_abs_sum.items()}
         self.grad_abs_sum = None
+        finite = torch.stack([torch.isfinite(a).all() for a in grads.values()])
+        if not bool(finite.all()):
+            bad = [name for name, ok in zip(grads, finite.tolist()) if not ok]
+            raise FloatingPointError(f"the accumulated gradients A of {', '.join(bad[:3])} are not finite after "
+                                     f"{done} examples (float32 overflow): nothing was quantized")
         if trainer.is_global_zero:
+            rank_zero_info(f"TaCQ: calibration complete ({done} examples); quantizing with its progress in "
+                           f"{self.work_dir} (a rerun continues after the last finished block)")
             self.report = self._quantize_and_export(trainer, pl_module, grads)
         del grads
-        self.finished = True
         trainer.strategy.barrier("tacq_export")
+        self._clean_up(trainer)
+
+    def _incomplete_message(self, trainer: L.Trainer, done: int, total: int) -> str:
+        limits = [f"trainer.{name}={value}" for name, value, default in (
+            ("max_steps", trainer.max_steps, -1), ("limit_train_batches", trainer.limit_train_batches, 1.0))
+            if value != default]
+        checkpoint = trainer.checkpoint_callback
+        saved = (getattr(checkpoint, "last_model_path", "") or getattr(checkpoint, "best_model_path", "")
+                 or trainer.ckpt_path)  # saved in this process, else the one it resumed from
+        where = (f"rerun the same command to resume from {saved}" if saved else
+                 "no checkpoint was saved (add callbacks.run_checkpoint.RunCheckpoint), so a rerun starts over")
+        stopped = f" ({' and '.join(limits)} stopped the epoch: raise or remove it for the rerun)" if limits else ""
+        return (f"TaCQ calibration incomplete: {done} of {total} examples done{stopped}. Nothing was quantized; "
+                f"{where}.")
+
+    def _already_exported(self) -> bool:
+        """Whether ``export_dir`` holds this run's complete export (report.json, written last, has its id)."""
+        try:
+            report = json.loads((self.export_dir / REPORT_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(report, dict) or report.get("run_id") != self.run_id:
+            return False
+        if report.get("quant") != asdict(self.quant):
+            raise ValueError(f"{self.export_dir} holds this run's export made with other quantization settings "
+                             f"({report.get('quant')}); its accumulated gradients were removed after that export, so "
+                             "quantizing with new settings needs a new calibration: rerun with --ckpt_path null")
+        return True
 
     def _quantize_and_export(
         self, trainer: L.Trainer, pl_module: L.LightningModule, grads: dict[str, Tensor]
@@ -184,6 +271,7 @@ class TaCQCallback(Callback):
         model.requires_grad_(False)
         eval_data = datamodule.evaluation_data() if self.evaluate else None
         report: dict[str, Any] = {
+            "run_id": self.run_id,
             "quant": asdict(self.quant),
             "calibration": {
                 "examples": len(datamodule.examples),
@@ -196,24 +284,29 @@ class TaCQCallback(Callback):
         if eval_data is not None and self.evaluate_fp:
             report["fp"] = evaluate(model, datamodule.tokenizer, eval_data, self.eval_batch_size)
 
-        start = time.perf_counter()
         summary = quantize_model(model, [e.input_ids for e in datamodule.examples], self.quant, grads,
-                                 progress=self.progress)
-        report["quantization_seconds"] = time.perf_counter() - start
+                                 progress=self.progress, work_dir=self.work_dir)
+        report["quantization_seconds"] = sum(summary.seconds.values())  # over every attempt
         report["stage_seconds"] = summary.seconds
         report["kept_fraction"] = summary.kept_fraction
         report["bits_accounted"] = accounted_bits_per_weight(model)
         report.update(_peak_memory_mb())
 
-        out = save_quantized(model, self.export_dir, datamodule.tokenizer,
-                             extra={"quant": report["quant"], "calibration": report["calibration"]})
-        report["bits_measured"] = measured_bits_per_weight(out)
-        report["export_dir"] = str(out)
+        staged = self.work_dir / "export"
+        shutil.rmtree(staged, ignore_errors=True)  # an export a kill interrupted
+        save_quantized(model, staged, datamodule.tokenizer,
+                       extra={"quant": report["quant"], "calibration": report["calibration"]})
+        report["bits_measured"] = measured_bits_per_weight(staged)
+        report["export_dir"] = str(self.export_dir)
         if eval_data is not None:
-            reloaded = load_quantized(out, device=next(model.parameters()).device)
+            reloaded = load_quantized(staged, device=next(model.parameters()).device)
             report["quantized"] = evaluate(reloaded, datamodule.tokenizer, eval_data, self.eval_batch_size)
             del reloaded
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (staged / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        if self.export_dir.exists():
+            rank_zero_info(f"TaCQ: replacing the earlier export in {self.export_dir}")
+        self.export_dir.parent.mkdir(parents=True, exist_ok=True)
+        replace_atomically(staged, self.export_dir)
         rank_zero_info(self._summary_line(report))
         return report
 
@@ -227,6 +320,24 @@ class TaCQCallback(Callback):
                 fp = report.get("fp", {}).get(key)
                 parts.append(f"{key} {report['quantized'][key]:.4f}" + (f" (fp {fp:.4f})" if fp is not None else ""))
         return " | ".join(parts)
+
+    def _clean_up(self, trainer: L.Trainer) -> None:
+        """The export is complete: the work directory and this run's accumulator side files go (every rank its
+        own), so do the side-file directories once empty."""
+        if trainer.is_global_zero:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+        directories = {self._side_dir()} | ({Path(self._resume["state_dir"])}
+                                            if self._resume and self._resume.get("state_dir") else set())
+        for directory in directories:
+            for path in directory.glob(f"*accumulators-step*-rank{trainer.global_rank}.safetensors*"):  # and .tmp
+                path.unlink()
+        self._written.clear()
+        trainer.strategy.barrier("tacq_clean_up")
+        if trainer.is_global_zero:
+            for directory in directories:
+                if directory.is_dir() and not any(directory.iterdir()):
+                    directory.rmdir()
+        self.finished = True
 
     # ---- resumable state --------------------------------------------------------------------------------
     def _side_dir(self) -> Path:
@@ -243,24 +354,26 @@ class TaCQCallback(Callback):
         return directory / f"accumulators-step{step:09d}-rank{rank}.safetensors"
 
     def state_dict(self) -> dict[str, Any]:
+        """Plain data only; the accumulators go to side files in ``on_save_checkpoint``."""
         trainer = self._trainer
-        state: dict[str, Any] = {
+        return {
             "version": STATE_VERSION,
+            "run_id": self.run_id,
             "quant": asdict(self.quant),
-            "finished": self.finished,
             "calibration_seconds": self.calibration_seconds
             + (time.perf_counter() - self._epoch_started if self._epoch_started is not None else 0.0),
             "world_size": trainer.world_size if trainer is not None else 1,
-            "step": None,
         }
-        if self.grad_abs_sum is None or trainer is None:
-            return state
-        # every rank writes its own accumulators; only rank 0's state reaches the checkpoint, and it
-        # names the files of all ranks by (directory, step, rank)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Every rank writes its own accumulators (atomically); only rank 0's checkpoint is written, and it
+        names the files of all ranks by (directory, step, rank)."""
+        if self.grad_abs_sum is None:
+            return
         directory = self._side_dir()
         directory.mkdir(parents=True, exist_ok=True)
         path = self._side_file(directory, trainer.global_step, trainer.global_rank)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".{path.name}.tmp")
         tensors = {name: a.contiguous() for name, a in self.grad_abs_sum.items()}
         save_file(tensors, str(tmp), metadata={"examples_done": str(self.examples_done)})
         tmp.replace(path)
@@ -268,14 +381,14 @@ class TaCQCallback(Callback):
             self._written.append(path)
         while len(self._written) > self.keep_state_files:
             self._written.pop(0).unlink(missing_ok=True)
-        state.update(step=trainer.global_step, state_dir=str(directory))
-        return state
+        checkpoint["callbacks"][self.state_key].update(step=trainer.global_step, state_dir=str(directory))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"TaCQ callback state version {state.get('version')}, expected {STATE_VERSION}")
+            raise ValueError(f"TaCQ callback state version {state.get('version')}, expected {STATE_VERSION}: this "
+                             "checkpoint was written by another version; restart the calibration (--ckpt_path null)")
         self._resume = state
-        self.finished = state["finished"]
+        self.run_id = state["run_id"]
         self.calibration_seconds = state["calibration_seconds"]
 
     def _load_side_file(self, linears: dict[str, torch.nn.Linear]) -> dict[str, Tensor]:

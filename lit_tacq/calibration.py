@@ -135,6 +135,12 @@ def tokenize_text(text: str, tokenizer: PreTrainedTokenizerBase) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def example_index(trainer: L.Trainer, batch_idx: int) -> int:
+    """The calibration example a rank's batch ``batch_idx`` holds: DistributedSampler without shuffling deals
+    the (padded) list out round-robin, rank r taking r, r + world_size, ..."""
+    return batch_idx * trainer.world_size + trainer.global_rank
+
+
 def collate_one(items: list[CalibrationExample | None]) -> dict[str, Tensor]:
     """A batch of one example; ``None`` (DDP padding) becomes an empty batch that the module skips."""
     if len(items) != 1:

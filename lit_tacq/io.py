@@ -7,8 +7,10 @@
                         size, number of kept weights and dtypes, and the measured bits per weight
     tokenizer files     when a tokenizer is given
 
-``load_quantized`` rebuilds the architecture from config.json, swaps the listed modules for empty
-QuantLinear shells and loads the state strictly, so any missing or extra tensor is an error.
+``load_quantized`` trusts none of it: quantization.json's fields and every stored tensor's shape and dtype
+are checked first, on a model built on the ``meta`` device (``lit_tacq.manifest``). Only then does it build
+the architecture from config.json, swap the listed modules for empty QuantLinear shells and load the state
+strictly (any missing or extra tensor is an error), then check the kept-weight positions.
 """
 
 import json
@@ -22,6 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from lit_tacq.manifest import check_outlier_positions, check_stored_tensors, read_manifest, swap_in_shells
 from lit_tacq.qlinear import FORMAT_BUFFERS, QuantLinear
 
 FORMAT = "lit_tacq.packed"
@@ -131,31 +134,25 @@ def load_quantized(
     """Rebuild a model saved by :func:`save_quantized`, ready for ``.generate()``.
 
     ``dtype`` is the dtype of the unquantized weights (default: as saved); the QuantLinear buffers
-    always keep their stored dtypes.
+    always keep their stored dtypes. quantization.json and the weights file's header are checked against
+    each other and against config.json before anything is allocated (``lit_tacq.manifest``).
     """
     directory = Path(out_dir)
-    meta = json.loads((directory / QUANT_FILE).read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{directory} holds format {meta.get('format')} v{meta.get('format_version')}, "
-                         f"expected {FORMAT} v{FORMAT_VERSION}")
+    manifest, weights = directory / QUANT_FILE, directory / WEIGHTS_FILE
+    meta = read_manifest(manifest, FORMAT, FORMAT_VERSION)
     config = AutoConfig.from_pretrained(directory)
+    dtype = dtype or getattr(torch, meta["dtype"])
+    with torch.device("meta"):  # shapes and dtypes only
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    swap_in_shells(skeleton, meta["modules"], "meta", manifest)
+    check_stored_tensors(weights, skeleton, meta["modules"])
     # Every weight is about to be overwritten, so skip random init (which also skips weight tying).
     with no_init_weights(), torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(torch, meta["dtype"]))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
-    for name, entry in meta["modules"].items():
-        shell = QuantLinear(
-            entry["in_features"],
-            entry["out_features"],
-            entry["bits"],
-            entry["group_size"],
-            nnz=entry["nnz"],
-            bias=entry["bias"],
-            dtype=getattr(torch, entry["outlier_dtype"]),
-            device=device,
-        )
-        model.set_submodule(name, shell)
-    load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
+    swap_in_shells(model, meta["modules"], device, manifest)
+    load_model(model, str(weights), strict=True, device=str(device))
+    check_outlier_positions(weights, quantized_modules(model))
     if (directory / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model.eval()

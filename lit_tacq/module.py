@@ -8,6 +8,9 @@ examples, so ``max_steps`` and ``ModelCheckpoint(every_n_train_steps=...)`` work
 Only the decoder Linear weights require gradients (found by type, ``lit_tacq.layers``), so the backward
 pass computes exactly the gradients TaCQ's accumulator reads (``callbacks/tacq.py``) and no others.
 
+A non-finite loss stops the run with the example's index before its backward pass (the callback checks
+the gradients the same way), so no NaN can reach A and, through it, the mask.
+
 The model stays in eval mode (``from_pretrained``'s default): no dropout, so each example's gradient
 depends on the example alone and a resumed calibration reproduces an uninterrupted one.
 
@@ -27,7 +30,9 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from data.sources import DTYPES, load_causal_lm
+from lit_tacq.calibration import example_index
 from lit_tacq.layers import decoder_linears
+
 
 def freeze_all_but_decoder_linears(model: PreTrainedModel) -> dict[str, torch.nn.Linear]:
     """Make only the decoder Linear weights trainable (biases, norms, embeddings, lm_head frozen)."""
@@ -97,6 +102,11 @@ class CalibrationModule(L.LightningModule):
             return None
         self.model.zero_grad(set_to_none=True)
         loss = self.example_loss(batch["input_ids"], batch["labels"])
+        if not bool(torch.isfinite(loss)):
+            raise FloatingPointError(
+                f"calibration example {example_index(self.trainer, batch_idx)} has a non-finite loss "
+                f"({loss.item()}): the run stops before its gradient reaches A (and the mask). An example with "
+                "no labelled token has no mean loss; a model that overflows in half precision needs dtype float32.")
         # each rank keeps its own per-example gradient: no DDP all-reduce (it would average examples)
         sync_off = getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)
         with sync_off():

@@ -17,6 +17,7 @@ if sys.byteorder != "little":  # unpack_codes reads int32 words as bytes
     raise ImportError("the packed format is defined for little-endian machines")
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+OUTLIER_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # what kept weights are stored in
 CODES_PER_PERIOD = 32  # 32 codes of b bits fill exactly b int32 words
 _WORD_MASK = 0xFFFFFFFF
 
@@ -149,8 +150,8 @@ class SparseOutliers:
 def to_sparse_outliers(dense_values: Tensor, mask: Tensor, dtype: torch.dtype = torch.float16) -> SparseOutliers:
     """Collect ``dense_values[mask]`` (a [rows, cols] matrix) into the gap-encoded layout with values cast
     to ``dtype``."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"outlier values are stored in float16 or bfloat16, got {dtype}")
+    if dtype not in OUTLIER_DTYPES.values():
+        raise ValueError(f"outlier values are stored in one of {sorted(OUTLIER_DTYPES)}, got {dtype}")
     values = dense_values.to(dtype)
     mask = mask & (values != 0)  # a kept 0 needs no entry: its code decodes to 0
     positions = mask.flatten().nonzero().squeeze(1)

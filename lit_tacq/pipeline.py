@@ -14,23 +14,26 @@ Inside a block the Linears are quantized in groups that read the same input, (q,
 (gate, up) -> down for Llama: the groups come from watching one forward pass, not from module names.
 H = (2/n) sum x x^T is accumulated over the calibration sequences one at a time (``gptq.HessianAccumulator``).
 
-Streaming design (models larger than memory). Every step above already touches one block at a time:
-the block inputs are captured once (embeddings only), then each pass is ``for block: load -> H ->
-quantize -> outputs -> free``. A streaming driver changes only where blocks live: load block i's
-weights from the safetensors shards onto the device, run it, write its QuantLinear buffers (final pass)
-or its scores (reference pass) to disk, free it. The gradient epoch streams the same way: forward block
-by block keeping only block-boundary activations, then backward block by block in reverse, recomputing
-each block from its stored input and adding |dL_n/dW| of that block to A on disk. Scores and masks are
-per-layer tensors on ``score_device`` (CPU by default) and the global ranking already works layer by
-layer (``global_topk_mask`` never concatenates). This first version keeps the whole model in memory.
+**Resumable per block.** Given a ``work_dir``, ``quantize_model`` persists every finished block
+(``lit_tacq.workdir``): the next block's inputs for every calibration sequence (so no finished block is ever
+run again), the reference pass's scores, the mask, the final pass's packed layers. Rerun on the same model,
+calibration, settings and gradients, it continues after the last finished block and ends bit-identical to an
+uninterrupted run (every later block sees exactly the tensors it would have seen). The directory is left in
+place: the caller removes it once the quantized model is safely stored.
+
+Memory: the whole model stays on its device. A pass holds the hidden states of one block boundary for all
+sequences and, in the reference pass, one block copy; the scores of every layer (float32, on
+``score_device``, CPU by default) live until the mask is ranked, which ``global_topk_mask`` does layer by
+layer without concatenating them.
 """
 
 from __future__ import annotations
 
 import copy
-import time
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -39,10 +42,19 @@ from tqdm.auto import tqdm
 
 from lit_tacq.gptq import HessianAccumulator, fill_kept, gptq_quantize
 from lit_tacq.layers import decoder_linears, find_decoder_blocks, find_linears, named_decoder_blocks
-from lit_tacq.packing import SUPPORTED_BITS
+from lit_tacq.packing import OUTLIER_DTYPES, SUPPORTED_BITS
 from lit_tacq.qlinear import QuantLinear
 from lit_tacq.quantizer import QuantResult, rtn_quantize
 from lit_tacq.saliency import NEEDS, SCORERS, LayerStats, global_topk_mask, score
+from lit_tacq.workdir import WorkDir, fingerprint
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -50,6 +62,9 @@ class QuantSettings:
     """How to quantize (spec §2). ``saliency="none"`` keeps nothing in 16 bits: plain GPTQ / RTN.
 
     ``reference`` is how Q(W) of the saliency is computed, ``quantizer`` the final (masked) quantizer.
+    Every field is checked when the settings are made (for the CLI: when the config is parsed, before any
+    model is loaded), all at once. ``group_size`` needs no check against the model: any positive size fits
+    any layer width, the last group of a row is then narrower (the format and kernel store and decode it).
     """
 
     bits: int = 3
@@ -66,15 +81,29 @@ class QuantSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
-        if self.saliency != "none" and self.saliency not in SCORERS:
-            raise ValueError(f"unknown saliency {self.saliency!r}; choose 'none' or one of {sorted(SCORERS)}")
-        for name in ("reference", "quantizer"):
-            if getattr(self, name) not in ("gptq", "rtn"):
-                raise ValueError(f"{name} must be 'gptq' or 'rtn', got {getattr(self, name)!r}")
-        if not 0 <= self.fraction < 1:
-            raise ValueError(f"fraction must lie in [0, 1), got {self.fraction}")
+        rules = {
+            "bits": (_is_int(self.bits) and self.bits in SUPPORTED_BITS, f"one of {SUPPORTED_BITS}"),
+            "group_size": (self.group_size is None or (_is_int(self.group_size) and self.group_size > 0),
+                           "None (one grid per row) or a positive integer"),
+            "fraction": (_is_number(self.fraction) and 0 <= self.fraction < 1, "a number in [0, 1)"),
+            "saliency": (isinstance(self.saliency, str) and (self.saliency == "none" or self.saliency in SCORERS),
+                         f"'none' or one of {sorted(SCORERS)}"),
+            "reference": (self.reference in ("gptq", "rtn"), "'gptq' or 'rtn'"),
+            "quantizer": (self.quantizer in ("gptq", "rtn"), "'gptq' or 'rtn'"),
+            "percdamp": (_is_number(self.percdamp) and 0 < self.percdamp <= 1,
+                         "a number in (0, 1]: the damping as a fraction of the mean Hessian diagonal"),
+            "block_size": (_is_int(self.block_size) and self.block_size > 0, "a positive integer"),
+            "act_order": (isinstance(self.act_order, bool) and not (self.act_order and self.group_size is not None),
+                          "a bool, and False with a group_size (grouped storage needs columns in order)"),
+            "mse": (isinstance(self.mse, bool), "a bool"),
+            "outlier_dtype": (isinstance(self.outlier_dtype, str) and self.outlier_dtype in OUTLIER_DTYPES,
+                              f"one of {sorted(OUTLIER_DTYPES)}"),
+            "seed": (_is_int(self.seed), "an integer"),
+        }
+        problems = [f"{name}={getattr(self, name)!r}, expected {expected}"
+                    for name, (ok, expected) in rules.items() if not ok]
+        if problems:
+            raise ValueError("invalid QuantSettings: " + "; ".join(problems))
 
     @property
     def keeps_outliers(self) -> bool:
@@ -96,7 +125,8 @@ class BlockInputs:
 
 @dataclass
 class QuantSummary:
-    """What a run did: weights kept per layer, totals, seconds per stage."""
+    """What a run did: weights kept per layer, totals, seconds per stage (summed over the attempts of a
+    resumed run)."""
 
     kept: dict[str, int] = field(default_factory=dict)
     total_weights: int = 0
@@ -210,6 +240,7 @@ def quantize_weight(
 
 
 LayerFn = Callable[[str, nn.Module, str, Tensor | None], None]
+BlockEndFn = Callable[[int, nn.Module, list[Tensor] | None], None]
 
 
 def sequential_pass(
@@ -220,27 +251,42 @@ def sequential_pass(
     on_copies: bool,
     desc: str,
     progress: bool = True,
-    on_block_end: Callable[[nn.Module], None] | None = None,
+    on_block_end: BlockEndFn | None = None,
+    start_block: int = 0,
+    start_hidden: list[Tensor] | None = None,
 ) -> None:
     """Visit every decoder Linear in order, block by block, calling ``layer_fn(full_name, block, name, H)``.
 
     ``layer_fn`` quantizes the layer in ``block`` in place; with ``need_hessians`` each block's inputs
     come from the blocks already processed. ``on_copies`` works on a copy of each block so the model
-    itself is left untouched. ``on_block_end(block)`` runs once the block's outputs are computed.
+    itself is left untouched. ``on_block_end(index, block, outputs)`` runs once a block is done, with its
+    outputs for every sequence (the next block's inputs; None after the last block or without Hessians).
+    ``start_block`` skips blocks an earlier run finished; ``start_hidden`` are that block's inputs.
     """
-    inputs = capture_block_inputs(model, sequences, progress) if need_hessians else None
     blocks = named_decoder_blocks(model)
-    for index, (prefix, original) in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
-        block = copy.deepcopy(original) if on_copies else original
-        groups = linear_groups(block, inputs) if inputs is not None else [[n] for n in find_linears(block)]
-        for group in groups:
-            hessians = collect_hessians(block, group, inputs) if inputs is not None else {}
-            for name in group:
-                layer_fn(f"{prefix}.{name}", block, name, hessians.get(name))
-        if inputs is not None and index + 1 < len(blocks):
-            inputs.hidden = run_block(block, inputs)
-        if on_block_end is not None:
-            on_block_end(block)
+    inputs = None
+    if need_hessians and start_block < len(blocks):
+        inputs = capture_block_inputs(model, sequences, progress)  # also the keyword arguments every block gets
+        if start_block > 0:
+            if start_hidden is None:
+                raise RuntimeError(f"resuming the pass at block {start_block} needs that block's inputs, and none "
+                                   "were stored: delete the work directory to quantize from the start")
+            inputs.hidden = start_hidden
+    with tqdm(total=len(blocks), initial=start_block, desc=desc, disable=not progress) as bar:
+        for index in range(start_block, len(blocks)):
+            prefix, original = blocks[index]
+            block = copy.deepcopy(original) if on_copies else original
+            groups = linear_groups(block, inputs) if inputs is not None else [[n] for n in find_linears(block)]
+            for group in groups:
+                hessians = collect_hessians(block, group, inputs) if inputs is not None else {}
+                for name in group:
+                    layer_fn(f"{prefix}.{name}", block, name, hessians.get(name))
+            outputs = None
+            if inputs is not None and index + 1 < len(blocks):
+                outputs = inputs.hidden = run_block(block, inputs)
+            if on_block_end is not None:
+                on_block_end(index, block, outputs)
+            bar.update()
 
 
 def saliency_scores(
@@ -250,21 +296,27 @@ def saliency_scores(
     grad_abs_sum: dict[str, Tensor] | None,
     score_device: str | torch.device = "cpu",
     progress: bool = True,
+    work: WorkDir | None = None,
 ) -> dict[str, Tensor]:
-    """Every decoder Linear's saliency under ``settings.saliency``; Q(W) and H from a reference pass."""
+    """Every decoder Linear's saliency under ``settings.saliency``; Q(W) and H from a reference pass, which
+    ``work`` persists block by block and resumes after its last finished block."""
+    work = work if work is not None else WorkDir.in_memory()
     needs = NEEDS[settings.saliency]
     linears = decoder_linears(model)
     order = {name: i for i, name in enumerate(linears)}
     scores: dict[str, Tensor] = {}
+    block_scores: dict[str, Tensor] = {}  # of the block being processed
 
     def score_layer(full: str, weight: Tensor, quantized: Tensor | None, hessian: Tensor | None) -> None:
         grads = None if grad_abs_sum is None else grad_abs_sum[full].to(weight.device)
         stats = LayerStats(weight, grads, quantized, hessian, seed=settings.seed + order[full])
-        scores[full] = score(settings.saliency, stats).to(score_device)
+        scores[full] = block_scores[full] = score(settings.saliency, stats).to(score_device)
 
+    tick = work.clock("saliency")
     if not needs & {"quantized", "hessian"}:
         for full, linear in linears.items():
             score_layer(full, linear.weight.detach(), None, None)
+        tick()
         return scores
 
     def reference_layer(full: str, block: nn.Module, name: str, H: Tensor | None) -> None:
@@ -273,9 +325,21 @@ def saliency_scores(
         score_layer(full, linear.weight.detach(), result.dequantized, H)
         linear.weight.data.copy_(result.dequantized)  # later layers see the quantized copy
 
+    def finish_block(index: int, block: nn.Module, outputs: list[Tensor] | None) -> None:
+        tick()
+        work.finish_reference_block(index, block_scores, outputs)
+        block_scores.clear()
+
+    scores.update(work.scores(score_device))
     need_h = settings.reference == "gptq" or "hessian" in needs
-    sequential_pass(model, sequences, reference_layer, need_h, on_copies=True, desc="reference pass", progress=progress)
+    sequential_pass(model, sequences, reference_layer, need_h, on_copies=True, desc="reference pass", progress=progress,
+                    on_block_end=finish_block, start_block=work.blocks_done, start_hidden=work.hidden(_device(model)))
+    tick()
     return dict(sorted(scores.items(), key=lambda item: order[item[0]]))
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _check_gradients(model: nn.Module, grad_abs_sum: dict[str, Tensor] | None) -> None:
@@ -289,6 +353,16 @@ def _check_gradients(model: nn.Module, grad_abs_sum: dict[str, Tensor] | None) -
                              f"the weight {tuple(linear.weight.shape)}")
 
 
+def _restore_finished_blocks(model: nn.Module, work: WorkDir, settings: QuantSettings) -> None:
+    """Swap in the QuantLinears of the blocks an earlier run of the final pass finished."""
+    for index, (_, block) in enumerate(named_decoder_blocks(model)[: work.blocks_done]):
+        buffers = work.final_block(index, _device(model))
+        for name, linear in find_linears(block).items():
+            own = {key.removeprefix(f"{name}."): t for key, t in buffers.items() if key.startswith(f"{name}.")}
+            block.set_submodule(name, QuantLinear.from_buffers(own, linear.in_features, settings.bits,
+                                                               settings.group_size))
+
+
 def quantize_model(
     model: nn.Module,
     sequences: list[Tensor],
@@ -296,33 +370,41 @@ def quantize_model(
     grad_abs_sum: dict[str, Tensor] | None = None,
     score_device: str | torch.device = "cpu",
     progress: bool = True,
+    work_dir: str | Path | None = None,
 ) -> QuantSummary:
     """Quantize every decoder Linear of ``model`` in place (swapped for :class:`QuantLinear`).
 
     ``sequences`` are the calibration token ids (1-D each); ``grad_abs_sum`` maps full Linear names
-    (``model.layers.0.self_attn.q_proj``) to A when the saliency needs it.
+    (``model.layers.0.self_attn.q_proj``) to A when the saliency needs it. ``work_dir`` makes the run
+    resumable per block (module docstring); a directory left by another quantization is refused.
     """
     if not sequences and (settings.quantizer == "gptq" or settings.keeps_outliers):
         raise ValueError("no calibration sequences")
     if settings.needs_gradients:
         _check_gradients(model, grad_abs_sum)
+    work = (WorkDir.in_memory() if work_dir is None
+            else WorkDir.open(work_dir, fingerprint(model, sequences, asdict(settings), grad_abs_sum)))
     was_training = model.training
     model.eval()
-    summary = QuantSummary(settings=asdict(settings))
     masks: dict[str, Tensor] | None = None
-    if settings.keeps_outliers:
-        start = time.perf_counter()
-        scores = saliency_scores(model, sequences, settings, grad_abs_sum, score_device, progress)
-        summary.seconds["saliency"] = time.perf_counter() - start
-        start = time.perf_counter()
-        masks = global_topk_mask(scores, settings.fraction)
-        del scores
-        summary.seconds["mask"] = time.perf_counter() - start
-    dtype = getattr(torch, settings.outlier_dtype)
+    if work.stage == "reference":
+        if settings.keeps_outliers:
+            scores = saliency_scores(model, sequences, settings, grad_abs_sum, score_device, progress, work)
+            tick = work.clock("mask")
+            masks = global_topk_mask(scores, settings.fraction)
+            del scores
+            tick()
+        work.finish_reference(masks)
+    elif settings.keeps_outliers:
+        masks = work.mask(score_device)
+    dtype = OUTLIER_DTYPES[settings.outlier_dtype]
 
     packed: dict[str, QuantLinear] = {}  # of the current block, swapped in when the block is done
+    kept: dict[str, int] = {}
+    weights = 0
 
     def final_layer(full: str, block: nn.Module, name: str, H: Tensor | None) -> None:
+        nonlocal weights
         linear = block.get_submodule(name)
         keep = None if masks is None else masks[full].to(linear.weight.device)
         result = quantize_weight(linear.weight, H, settings.quantizer, settings, keep)
@@ -332,18 +414,28 @@ def quantize_model(
         linear.weight.data.copy_(packed[name].dequantize())
         if linear.bias is not None:
             linear.bias.data.copy_(packed[name].bias)
-        summary.kept[full] = 0 if keep is None else int(keep.sum())
-        summary.total_weights += linear.weight.numel()
+        kept[full] = 0 if keep is None else int(keep.sum())
+        weights += linear.weight.numel()
 
-    def swap_packed(block: nn.Module) -> None:
+    tick = work.clock("quantize")
+
+    def finish_block(index: int, block: nn.Module, outputs: list[Tensor] | None) -> None:
+        nonlocal weights
         for name, module in packed.items():
             block.set_submodule(name, module)
+        buffers = {f"{name}.{key}": t for name, module in packed.items() for key, t in module.state_dict().items()}
+        tick()
+        work.finish_final_block(index, buffers, kept, weights, outputs)
         packed.clear()
+        kept.clear()
+        weights = 0
 
-    start = time.perf_counter()
+    start_hidden = work.hidden(_device(model))
+    _restore_finished_blocks(model, work, settings)
     sequential_pass(model, sequences, final_layer, settings.quantizer == "gptq", on_copies=False,
                     desc=f"{'masked ' if masks else ''}{settings.quantizer.upper()} {settings.bits}-bit",
-                    progress=progress, on_block_end=swap_packed)
-    summary.seconds["quantize"] = time.perf_counter() - start
+                    progress=progress, on_block_end=finish_block, start_block=work.blocks_done,
+                    start_hidden=start_hidden)
     model.train(was_training)
-    return summary
+    return QuantSummary(kept=dict(work.progress.kept), total_weights=work.progress.total_weights,
+                        seconds=dict(work.progress.seconds), settings=asdict(settings))

@@ -92,6 +92,18 @@ class QuantLinear(nn.Module):
             module.bias = bias.detach().to(codes.device, dtype).clone()
         return module
 
+    @classmethod
+    def from_buffers(
+        cls, buffers: dict[str, Tensor], in_features: int, bits: int, group_size: int | None
+    ) -> "QuantLinear":
+        """A module holding exactly these buffers (named as in its state dict), on their device: what a
+        resumed quantization restores from its work directory."""
+        values = buffers["outlier_values"]
+        module = cls(in_features, buffers["qweight"].shape[0], bits, group_size, values.numel(), "bias" in buffers,
+                     values.dtype, device=values.device)
+        module.load_state_dict(buffers)
+        return module
+
     @property
     def outliers(self) -> SparseOutliers:
         return SparseOutliers(self.outlier_values, self.outlier_gaps, (self.out_features, self.in_features))

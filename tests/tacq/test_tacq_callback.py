@@ -1,4 +1,5 @@
 import json
+import logging
 
 import lightning.pytorch as L
 import pytest
@@ -6,11 +7,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
+from callbacks.run_checkpoint import RunCheckpoint
 from callbacks.tacq import TaCQCallback
+from data.sources import load_causal_lm
 from lit_tacq.calibration import CalibrationDataModule
 from lit_tacq.io import WEIGHTS_FILE
 from lit_tacq.layers import decoder_linears
-from data.sources import load_causal_lm
 from lit_tacq.module import CalibrationModule
 from lit_tacq.pipeline import QuantSettings
 
@@ -33,8 +35,13 @@ def _trainer(tmp_path, name, callbacks, **kwargs):
 def test_accumulator_equals_an_explicit_per_example_loop(tiny, tmp_path):
     module, data, callback = _parts(tiny, tmp_path)
     steps = 6
-    _trainer(tmp_path, "run", [callback], max_steps=steps).fit(module, data)  # stops early: nothing quantized
+    data.setup()
+    expected = (rf"calibration incomplete: {steps} of {len(data.examples)} examples done "
+                rf"\(trainer.max_steps={steps} stopped the epoch.*resume from .*step={steps}.ckpt")
+    with pytest.raises(RuntimeError, match=expected):
+        _trainer(tmp_path, "run", [callback], max_steps=steps).fit(module, data)  # stops early: nothing quantized
     assert callback.examples_done == steps and not callback.finished
+    assert not (tmp_path / "run" / "export").exists()
 
     model = load_causal_lm(tiny.model_dir)
     expected, summed = {}, {}
@@ -67,9 +74,11 @@ def test_interrupted_calibration_resumes_to_the_same_mask(tiny, tmp_path):
     # interrupted after 7 examples, checkpointed mid-epoch (every 7 steps = every 7 examples)
     module, data, callback = _parts(tiny, tmp_path, "resumed")
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=7, save_top_k=-1)
-    _trainer(tmp_path, "resumed", [callback, checkpoints], max_steps=7).fit(module, data)
-    assert not (tmp_path / "resumed" / "export").exists()
     ckpt = tmp_path / "ckpt" / "epoch=0-step=7.ckpt"
+    with pytest.raises(RuntimeError, match=f"7 of {n_examples} examples done.*rerun the same command to resume from "
+                                           f"{ckpt}"):
+        _trainer(tmp_path, "resumed", [callback, checkpoints], max_steps=7).fit(module, data)
+    assert not (tmp_path / "resumed" / "export").exists()
     assert (tmp_path / "ckpt" / "tacq_state" / "accumulators-step000000007-rank0.safetensors").exists()
 
     # a fresh process would build everything anew: so do we
@@ -80,6 +89,8 @@ def test_interrupted_calibration_resumes_to_the_same_mask(tiny, tmp_path):
     _trainer(tmp_path, "resumed", [callback, counter]).fit(module, data, ckpt_path=ckpt)
     assert steps == list(range(7, n_examples))  # only the examples not yet done
     assert callback.examples_done == n_examples and callback.finished
+    # the export is complete: no work directory, no accumulator side file is left
+    assert not (tmp_path / "resumed" / "export.partial").exists() and not (tmp_path / "ckpt" / "tacq_state").exists()
 
     resumed = _export_tensors(tmp_path / "resumed" / "export")
     n_weights = sum(linear.weight.numel() for linear in decoder_linears(load_causal_lm(tiny.model_dir)).values())
@@ -110,3 +121,89 @@ def test_checkpoints_hold_no_weights_and_the_export_is_separate(tiny, tmp_path):
     report = json.loads((tmp_path / "run" / "export" / "report.json").read_text())
     assert report["bits_measured"] == pytest.approx(callback.report["bits_measured"])
     assert {"accuracy", "answer_nll"} <= set(report["quantized"]) and {"accuracy", "answer_nll"} <= set(report["fp"])
+
+
+def test_state_dict_writes_nothing_and_checkpoints_write_the_side_files(tiny, tmp_path):
+    module, data, callback = _parts(tiny, tmp_path, evaluate=False)
+    side_dir = tmp_path / "ckpt" / "tacq_state"
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 6:
+                before = sorted(side_dir.iterdir())
+                states = [callback.state_dict() for _ in range(3)]  # as Lightning may call it at any time
+                seen.update(before=before, after=sorted(side_dir.iterdir()), state=states[0])
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    _trainer(tmp_path, "run", [callback, Probe(), checkpoints]).fit(module, data)
+    assert [p.name for p in seen["before"]] == ["accumulators-step000000004-rank0.safetensors"] == \
+           [p.name for p in seen["after"]]
+    assert set(seen["state"]) == {"version", "run_id", "quant", "calibration_seconds", "world_size"}
+    state = torch.load(tmp_path / "ckpt" / "epoch=0-step=4.ckpt", weights_only=True)["callbacks"]["TaCQCallback"]
+    assert state["step"] == 4 and state["state_dir"] == str(side_dir)  # the checkpoint names its side file
+
+
+def test_a_rerun_of_a_finished_run_redoes_nothing(tiny, tmp_path, caplog):
+    module, data, callback = _parts(tiny, tmp_path, evaluate=False)
+    _trainer(tmp_path, "run", [callback, RunCheckpoint()]).fit(module, data)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    export = tmp_path / "run" / "export"
+    written = (export / WEIGHTS_FILE).stat().st_mtime_ns
+    assert not (tmp_path / "run" / "checkpoints" / "tacq_state").exists()  # removed with the export complete
+
+    module, data, callback = _parts(tiny, tmp_path, evaluate=False)
+    with caplog.at_level(logging.INFO):
+        _trainer(tmp_path, "run", [callback, RunCheckpoint()]).fit(module, data, ckpt_path=last)
+    assert f"{export} already holds this run's export" in caplog.text
+    assert (export / WEIGHTS_FILE).stat().st_mtime_ns == written and callback.finished
+
+    module, data, _ = _parts(tiny, tmp_path)
+    other = TaCQCallback(export_dir=str(export), quant=QuantSettings(bits=3, fraction=0.02), progress=False)
+    with pytest.raises(ValueError, match="holds this run's export made with other quantization settings"):
+        _trainer(tmp_path, "run", [other, RunCheckpoint()]).fit(module, data, ckpt_path=last)
+
+
+class NaNLossAt(CalibrationModule):
+    """A calibration module whose loss is NaN at one step."""
+
+    def __init__(self, model_name_or_path: str, step: int) -> None:
+        super().__init__(model_name_or_path)
+        self.step = step
+
+    def example_loss(self, input_ids, labels):
+        loss = super().example_loss(input_ids, labels)
+        return loss * float("nan") if self.global_step == self.step else loss
+
+
+def test_a_non_finite_loss_stops_the_calibration_naming_the_example(tiny, tmp_path):
+    _, data, callback = _parts(tiny, tmp_path)
+    with pytest.raises(FloatingPointError, match=r"calibration example 3 has a non-finite loss \(nan\)"):
+        _trainer(tmp_path, "run", [callback]).fit(NaNLossAt(tiny.model_dir, 3), data)
+    assert callback.examples_done == 3 and not (tmp_path / "run" / "export").exists()
+
+
+def test_a_non_finite_gradient_stops_the_calibration_naming_the_example(tiny, tmp_path):
+    module, data, callback = _parts(tiny, tmp_path)
+
+    class PoisonGradient(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 4:
+                weight = pl_module.model.model.layers[1].mlp.up_proj.weight
+                weight.register_hook(lambda grad: grad * float("inf"))
+
+    with pytest.raises(FloatingPointError, match="calibration example 4 gave a non-finite gradient in "
+                                                 "model.layers.1.mlp.up_proj"):
+        _trainer(tmp_path, "run", [PoisonGradient(), callback]).fit(module, data)
+    assert callback.examples_done == 4 and torch.isfinite(callback.grad_abs_sum["model.layers.1.mlp.up_proj"]).all()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"keep_state_files": 0}, "keep_state_files=0, expected an integer >= 1"),
+    ({"eval_batch_size": 0}, "eval_batch_size=0, expected an integer >= 1"),
+    ({"accumulator_device": "gpu0"}, "accumulator_device='gpu0', expected a torch device"),
+    ({"quant": {"bits": 3}}, "quant must be a QuantSettings, got dict"),
+])
+def test_callback_arguments_are_checked_when_made(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        TaCQCallback(**kwargs)

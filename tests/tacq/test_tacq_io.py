@@ -2,7 +2,9 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models
+from torch.profiler import ProfilerActivity, profile
 from transformers import (
     AutoTokenizer,
     LlamaConfig,
@@ -82,15 +84,88 @@ def test_save_load_round_trip(tmp_path, model_cls, config):
     assert measured_bits_per_weight(loaded) == pytest.approx(meta["bits_per_weight"])
 
 
-def test_load_is_strict(tmp_path):
+def _saved(tmp_path, plan=PLAN[:1]):
     model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
-    _quantize_some(model, PLAN[:1])
+    _quantize_some(model, plan)
     save_quantized(model, tmp_path)
-    meta_path = tmp_path / "quantization.json"
-    meta = json.loads(meta_path.read_text())
-    meta["modules"]["model.layers.0.self_attn.q_proj"]["nnz"] += 1  # shell no longer fits the stored CSR
-    meta_path.write_text(json.dumps(meta))
-    with pytest.raises(RuntimeError):
+    return model
+
+
+def _edit_manifest(tmp_path, edit) -> None:
+    path = tmp_path / "quantization.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+def test_load_is_strict(tmp_path):
+    _saved(tmp_path)
+    _edit_manifest(tmp_path, lambda meta: meta["modules"][Q_PROJ].update(nnz=meta["modules"][Q_PROJ]["nnz"] + 1))
+    # the shell no longer fits the stored kept weights: found in the weights file's header, before loading
+    with pytest.raises(ValueError, match=rf"model.safetensors:\n  {Q_PROJ}.outlier_gaps: shape \[\d+\], expected"):
+        load_quantized(tmp_path)
+
+    _saved(tmp_path)  # a tensor missing from the weights file: the strict load names it
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "lit_tacq.packed"})
+    with pytest.raises(RuntimeError, match="model.norm.weight"):
+        load_quantized(tmp_path)
+
+
+def _set(field, value):
+    return lambda meta: meta["modules"][Q_PROJ].__setitem__(field, value)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_set("outlier_dtype", "int8"), rf"{Q_PROJ}: outlier_dtype 'int8', expected one of \['bfloat16', 'float16'\]"),
+    (_set("bits", 5), rf"{Q_PROJ}: bits 5, expected one of \(2, 3, 4, 8\)"),
+    (_set("bits", "3"), rf"{Q_PROJ}: bits '3', expected one of"),
+    (_set("group_size", 0), rf"{Q_PROJ}: group_size 0, expected null or a positive integer"),
+    (_set("nnz", -1), rf"{Q_PROJ}: nnz -1, expected a non-negative integer"),
+    (_set("in_features", True), rf"{Q_PROJ}: in_features True, expected a positive integer"),
+    (_set("bias", "no"), rf"{Q_PROJ}: bias 'no', expected true or false"),
+    (_set("scale_dtype", "float16"), rf"{Q_PROJ}: unknown field 'scale_dtype'"),
+    (lambda meta: meta["modules"][Q_PROJ].pop("nnz"), rf"{Q_PROJ}: nnz missing"),
+    (lambda meta: meta.update(dtype="int8"), r"dtype 'int8', expected one of \('float32', 'float16', 'bfloat16'\)"),
+    (lambda meta: meta.update(modules={}), r"modules \{\}, expected a non-empty object"),
+    (lambda meta: meta["modules"].update({"model.layers.7.mlp.up_proj": meta["modules"][Q_PROJ]}),
+     r"model.layers.7.mlp.up_proj: no such Linear layer in the model of config.json"),
+    (_set("out_features", 128), rf"{Q_PROJ}: out_features 128, the layer in config.json's model has 64"),
+    (_set("outlier_dtype", "float16"), rf"{Q_PROJ}.outlier_values: dtype BF16, expected F16 from quantization.json"),
+], ids=["int8", "bits", "bits-str", "group0", "nnz", "in-bool", "bias", "unknown", "missing", "dtype", "empty",
+        "no-layer", "shape", "outlier-dtype-vs-file"])
+def test_every_manifest_field_is_checked(tmp_path, edit, message):
+    _saved(tmp_path)
+    _edit_manifest(tmp_path, edit)
+    with pytest.raises(ValueError, match=message) as error:
+        load_quantized(tmp_path)
+    assert str(tmp_path) in str(error.value)  # the file is named
+
+
+def test_oversized_shapes_fail_before_anything_large_is_allocated(tmp_path):
+    """A JSON edit of a few bytes claiming 2**31 kept weights (8 GB of shells): refused from the header."""
+    _saved(tmp_path)
+    _edit_manifest(tmp_path, _set("nnz", 2**31))
+    refusal = rf"{Q_PROJ}.outlier_values: shape \[\d+\], expected \[2147483648\]"
+    with (profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+          pytest.raises(ValueError, match=refusal)):
+        load_quantized(tmp_path)
+    largest = max((event.cpu_memory_usage for event in prof.events()), default=0)
+    assert largest < 2**20, f"allocated {largest} bytes at once before refusing"
+
+
+def test_kept_weight_positions_beyond_the_matrix_fail_at_load(tmp_path):
+    _saved(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    gaps = tensors[f"{Q_PROJ}.outlier_gaps"]
+    gaps[-1] = 2**15 - 1  # a step of 32768 from the last kept position: past the 64 x 64 matrix
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "lit_tacq.packed"})
+    with pytest.raises(ValueError, match=rf"model.safetensors: {Q_PROJ}.outlier_gaps: kept positions reach \d+, "
+                                         r"beyond the 64 x 64 = 4096 weights"):
         load_quantized(tmp_path)
 
 
