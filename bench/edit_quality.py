@@ -27,7 +27,12 @@ from data.base import round_protocol
 from data.counterfact import CounterFactDataModule
 from data.zsre import ZsREDataModule
 from lit_corsa.module import EditModule
-from lit_corsa.settings import EvaluationSettings, LoraSettings, ObjectiveSettings, OptimizerSettings
+from lit_corsa.settings import (
+    EvaluationSettings,
+    LoraSettings,
+    ObjectiveSettings,
+    OptimizerSettings,
+)
 
 COLUMNS = ("ES", "PS", "NS", "reliability_token_acc", "generality_token_acc", "locality_token_acc", "generality_gen")
 DATAMODULES = {"counterfact": (CounterFactDataModule, "world:counterfact"), "zsre": (ZsREDataModule, "world:zsre")}

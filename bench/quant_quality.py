@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from data.sources import load_causal_lm, load_tokenizer, resolve
+from lit_common.layers import decoder_linears
+from lit_common.scoring import answer_outcomes
+from lit_common.sources import load_causal_lm, load_tokenizer, resolve
 from lit_tacq.calibration import (
     CalibrationExample,
     read_task_records,
@@ -41,9 +43,12 @@ from lit_tacq.calibration import (
     text_windows,
     tokenize_text,
 )
-from data.scoring import answer_outcomes
-from lit_tacq.io import accounted_bits_per_weight, load_quantized, measured_bits_per_weight, save_quantized
-from lit_tacq.layers import decoder_linears
+from lit_tacq.io import (
+    accounted_bits_per_weight,
+    load_quantized,
+    measured_bits_per_weight,
+    save_quantized,
+)
 from lit_tacq.module import freeze_all_but_decoder_linears
 from lit_tacq.pipeline import QuantSettings, quantize_model
 from lit_tacq.qlinear import QuantLinear

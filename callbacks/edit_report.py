@@ -9,8 +9,8 @@ by vLLM) and, if asked, a merged full model. The history is callback state, so i
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lit_corsa.evaluation import PROTOCOLS, RoundScores
-from lit_corsa.module import EditModule
 from lit_corsa.metrics import forgetting
+from lit_corsa.module import EditModule
 
 PROTOCOL_NOTES = {
     "schedule": "after training round k, every edit of rounds 0..k is scored (sequential editing)",
@@ -167,7 +167,7 @@ class EditReport(L.Callback):
         if self.merge_adapter:
             from peft import PeftModel
 
-            from data.sources import load_causal_lm
+            from lit_common.sources import load_causal_lm
 
             hp = pl_module.hparams
             base = load_causal_lm(hp.model_name_or_path, hp.dtype)

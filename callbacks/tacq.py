@@ -53,10 +53,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from callbacks.run_checkpoint import replace_atomically
+from lit_common.layers import decoder_linears
 from lit_tacq.calibration import example_index
 from lit_tacq.evaluation import evaluate
-from lit_tacq.io import accounted_bits_per_weight, load_quantized, measured_bits_per_weight, save_quantized
-from lit_tacq.layers import decoder_linears
+from lit_tacq.io import (
+    accounted_bits_per_weight,
+    load_quantized,
+    measured_bits_per_weight,
+    save_quantized,
+)
 from lit_tacq.pipeline import QuantSettings, quantize_model
 
 STATE_VERSION = 2  # 2: run id; side files named by on_save_checkpoint

@@ -29,11 +29,16 @@ from transformers import PreTrainedTokenizerBase
 
 from data.formats import DataFormatError, EditRecord, read_records
 from data.loaders import ResumableLoader
-from data.sources import is_local, load_tokenizer, resolve
 from data.tokenization import (
-    AnswerTokenizer, EncodedProbe, EncodedRequest, ProbeCollator, RequestCollator, encode_probe, encode_request,
-    pad_token_id,
+    EncodedProbe,
+    EncodedRequest,
+    ProbeCollator,
+    RequestCollator,
+    encode_probe,
+    encode_request,
 )
+from lit_common.sources import is_local, load_tokenizer, resolve
+from lit_common.tokenization import AnswerTokenizer, pad_token_id
 
 
 def round_protocol(num_updates: int, epochs_per_update: int) -> dict[str, Any]:

@@ -18,7 +18,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from data.base import EditDataModule
-from data.formats import EditRecord, EditRequest, Probe, ProgramTest, RecordError, RecordReader
+from data.formats import (
+    EditRecord,
+    EditRequest,
+    Probe,
+    ProgramTest,
+    RecordError,
+    RecordReader,
+)
 
 
 def solution_body(solution: str, signature: str) -> str:

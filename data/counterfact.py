@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from data.base import EditDataModule
-from data.formats import EditRecord, EditRequest, Probe, RecordReader, RecordError
+from data.formats import EditRecord, EditRequest, Probe, RecordError, RecordReader
 
 
 def parse_rome_record(reader: RecordReader) -> EditRecord:

@@ -21,12 +21,18 @@ from typing import Iterable
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
-from data.scoring import answer_accuracy
-from data.sources import MODEL_DIR, WORLD_DIR
 from data.world import World, WorldConfig, build_world
 from data.world_writers import write_world_files
+from lit_common.scoring import answer_accuracy
+from lit_common.sources import MODEL_DIR, WORLD_DIR
+from lit_common.tokenization import right_padded
 
 CARD_NAME = "world_card.json"
 
@@ -109,12 +115,8 @@ def _batches(encoded: list[list[int]], batch_size: int, pad_id: int, rng: random
     rng.shuffle(order)
     for start in range(0, len(order), batch_size):
         rows = [encoded[i] for i in order[start : start + batch_size]]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), pad_id)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)] = torch.tensor(row)
-        labels = ids.masked_fill(ids == pad_id, -100)
-        yield ids, (ids != pad_id).long(), labels
+        batch = right_padded([[] for _ in rows], rows, pad_id)  # every token is a target
+        yield batch["input_ids"], batch["attention_mask"], batch["labels"]
 
 
 def pretrain(world: World, config: PretrainConfig = PretrainConfig(), progress: bool = True):

@@ -14,8 +14,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from data.sources import WORLD_FILES
 from data.world import Fact, World
+from lit_common.sources import WORLD_FILES
 
 
 def _object_id(world: World, relation_id: str, obj: str) -> str:

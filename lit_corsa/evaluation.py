@@ -19,9 +19,14 @@ from transformers import PreTrainedTokenizerBase
 
 from data.code_update import join_solution
 from data.formats import PROBE_KINDS, Probe, ProgramTest
-from data.tokenization import IGNORE_INDEX, pad_token_id
+from lit_common.tokenization import IGNORE_INDEX, pad_token_id
 from lit_corsa.losses import sequence_logprobs, token_counts
-from lit_corsa.metrics import GenerationMatch, PassAtK, ProbabilityComparison, TokenAccuracy
+from lit_corsa.metrics import (
+    GenerationMatch,
+    PassAtK,
+    ProbabilityComparison,
+    TokenAccuracy,
+)
 from lit_corsa.sandbox import build_program, run_python
 from lit_corsa.seeding import seeded
 from lit_corsa.settings import EvaluationSettings

@@ -1,6 +1,7 @@
 """Load any Hugging Face causal LM and wrap it in a peft LoRA adapter aimed at its decoder Linears.
 
-LoRA targets are found by structure (every Linear, or GPT-2 ``Conv1D``, inside the decoder blocks), so
+LoRA targets are found by structure (every Linear, or GPT-2 ``Conv1D``, inside the decoder blocks:
+:func:`lit_common.layers.find_linears`), so
 the same config edits Llama (q/k/v/o/gate/up/down_proj), Qwen2, Mistral, GPT-NeoX (query_key_value,
 dense, dense_h_to_4h, dense_4h_to_h) and GPT-2 (c_attn, c_proj, c_fc) without listing names.
 """
@@ -10,19 +11,13 @@ from __future__ import annotations
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
-from lit_tacq.layers import find_decoder_blocks
+from lit_common.layers import find_decoder_blocks, find_linears
 
 
 def decoder_linear_names(model: nn.Module) -> list[str]:
     """Leaf names of the Linear/Conv1D layers in the decoder blocks (e.g. ``["down_proj", "q_proj", ...]``)."""
-    names = {
-        name.rsplit(".", 1)[-1]
-        for block in find_decoder_blocks(model)
-        for name, module in block.named_modules()
-        if isinstance(module, (nn.Linear, Conv1D))
-    }
+    names = {name.rsplit(".", 1)[-1] for block in find_decoder_blocks(model) for name in find_linears(block)}
     if not names:
         raise ValueError(f"no Linear layers found in the decoder blocks of {type(model).__name__}")
     return sorted(names)

@@ -13,7 +13,6 @@ from torch import Tensor
 from torchmetrics import Metric
 
 
-
 class _FractionMetric(Metric):
     """A fraction ``numerator / denominator`` of two summed counters (NaN before any update)."""
 

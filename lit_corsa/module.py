@@ -40,13 +40,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from data.base import EditDataModule
-from data.sources import empty_causal_lm, load_causal_lm, load_tokenizer
+from lit_common.sources import empty_causal_lm, load_causal_lm, load_tokenizer
 from lit_corsa.evaluation import ProbeEvaluator, RoundScores, metric_names
-from lit_corsa.losses import sequence_logprobs
 from lit_corsa.lora import wrap_with_lora
+from lit_corsa.losses import sequence_logprobs
 from lit_corsa.objectives import resolve_objective
 from lit_corsa.seeding import position_seed
-from lit_corsa.settings import EvaluationSettings, LoraSettings, ObjectiveSettings, OptimizerSettings
+from lit_corsa.settings import (
+    EvaluationSettings,
+    LoraSettings,
+    ObjectiveSettings,
+    OptimizerSettings,
+)
 from lit_corsa.sharding import data_parallel_mesh, loads_weights, shard_from_rank0
 from lit_corsa.step import EditStep
 

@@ -21,12 +21,15 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    set_model_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
-from lit_tacq.layers import find_decoder_blocks
+from lit_common.layers import find_decoder_blocks
 
 
 def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:

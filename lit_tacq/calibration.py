@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,8 +34,9 @@ from transformers import PreTrainedTokenizerBase
 
 from data.formats import RecordReader, read_records
 from data.loaders import ResumableLoader
-from data.sources import is_local, load_tokenizer, resolve
-from data.tokenization import IGNORE_INDEX, AnswerTokenizer
+from lit_common.sources import is_local, load_tokenizer, resolve
+from lit_common.tokenization import IGNORE_INDEX, AnswerTokenizer
+from lit_tacq.evaluation import EvaluationData
 
 TASK_FIELDS = ("prompt", "answer", "split")
 
@@ -49,14 +50,6 @@ class CalibrationExample:
 
     def __len__(self) -> int:
         return self.input_ids.numel()
-
-
-@dataclass
-class EvaluationData:
-    """What a calibrated model is scored on: (prompt, answer) pairs and/or token windows of text."""
-
-    pairs: list[tuple[str, str]] = field(default_factory=list)
-    windows: list[Tensor] = field(default_factory=list)
 
 
 def read_task_records(path: str | Path, split: str | None = None) -> list[dict[str, str]]:

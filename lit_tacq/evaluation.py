@@ -1,20 +1,28 @@
 """Scoring a (quantized) model on held-out data: task accuracy, answer NLL and text NLL.
 
-Accuracy and answer NLL come from the world's scorer (:mod:`data.scoring`: teacher-forced exact match,
+Accuracy and answer NLL come from the world's scorer (:mod:`lit_common.scoring`: teacher-forced exact match,
 one forward pass on the model's device for both).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from data.scoring import answer_outcomes, model_device
-from lit_tacq.calibration import EvaluationData
+from lit_common.scoring import answer_outcomes, model_device
+
+
+@dataclass
+class EvaluationData:
+    """What a calibrated model is scored on: (prompt, answer) pairs and/or token windows of text."""
+
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    windows: list[Tensor] = field(default_factory=list)
 
 
 def answer_scores(

@@ -21,10 +21,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationConfig,
+    PreTrainedModel,
+)
 from transformers.initialization import no_init_weights
 
-from lit_tacq.manifest import check_outlier_positions, check_stored_tensors, read_manifest, swap_in_shells
+from lit_tacq.manifest import (
+    check_outlier_positions,
+    check_stored_tensors,
+    read_manifest,
+    swap_in_shells,
+)
 from lit_tacq.qlinear import FORMAT_BUFFERS, QuantLinear
 
 FORMAT = "lit_tacq.packed"

@@ -5,7 +5,7 @@ answer's when the data module says so through ``labels``), a backward pass, and 
 optimisation whose only "optimiser" is :class:`StepClock` (no model parameter, a step that does nothing)
 makes "never updates a weight" structural, while Lightning's step counter still counts calibration
 examples, so ``max_steps`` and ``ModelCheckpoint(every_n_train_steps=...)`` work as usual.
-Only the decoder Linear weights require gradients (found by type, ``lit_tacq.layers``), so the backward
+Only the decoder Linear weights require gradients (found by type, ``lit_common.layers``), so the backward
 pass computes exactly the gradients TaCQ's accumulator reads (``callbacks/tacq.py``) and no others.
 
 A non-finite loss stops the run with the example's index before its backward pass (the callback checks
@@ -29,15 +29,15 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from data.sources import DTYPES, load_causal_lm
+from lit_common.layers import decoder_linears, require_nn_linear
+from lit_common.sources import DTYPES, load_causal_lm
 from lit_tacq.calibration import example_index
-from lit_tacq.layers import decoder_linears
 
 
 def freeze_all_but_decoder_linears(model: PreTrainedModel) -> dict[str, torch.nn.Linear]:
     """Make only the decoder Linear weights trainable (biases, norms, embeddings, lm_head frozen)."""
     model.requires_grad_(False)
-    linears = decoder_linears(model)
+    linears = require_nn_linear(decoder_linears(model))
     for linear in linears.values():
         linear.weight.requires_grad_(True)
     return linears

@@ -40,8 +40,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lit_common.layers import (
+    decoder_linears,
+    find_decoder_blocks,
+    find_linears,
+    named_decoder_blocks,
+    require_nn_linear,
+)
 from lit_tacq.gptq import HessianAccumulator, fill_kept, gptq_quantize
-from lit_tacq.layers import decoder_linears, find_decoder_blocks, find_linears, named_decoder_blocks
 from lit_tacq.packing import OUTLIER_DTYPES, SUPPORTED_BITS
 from lit_tacq.qlinear import QuantLinear
 from lit_tacq.quantizer import QuantResult, rtn_quantize
@@ -378,6 +384,7 @@ def quantize_model(
     (``model.layers.0.self_attn.q_proj``) to A when the saliency needs it. ``work_dir`` makes the run
     resumable per block (module docstring); a directory left by another quantization is refused.
     """
+    require_nn_linear(decoder_linears(model))
     if not sequences and (settings.quantizer == "gptq" or settings.keeps_outliers):
         raise ValueError("no calibration sequences")
     if settings.needs_gradients:

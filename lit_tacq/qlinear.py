@@ -18,9 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_tacq.packing import SparseOutliers, pack_codes, packed_words, to_sparse_outliers, unpack_codes
+from lit_tacq.packing import (
+    SparseOutliers,
+    pack_codes,
+    packed_words,
+    to_sparse_outliers,
+    unpack_codes,
+)
 from lit_tacq.quantizer import QuantResult, dequantize, expand_groups, n_groups
-
 
 FORMAT_BUFFERS = ("qweight", "scale", "zero", "outlier_values", "outlier_gaps")
 

@@ -12,8 +12,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from data.sources import empty_causal_lm, load_causal_lm
 from data.tokenization import EncodedRequest, RequestCollator
+from lit_common.sources import empty_causal_lm, load_causal_lm
 from lit_corsa.lora import wrap_with_lora
 from lit_corsa.objectives import resolve_objective
 from lit_corsa.sharding import data_parallel_mesh, shard_from_rank0

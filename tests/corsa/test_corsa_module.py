@@ -16,7 +16,12 @@ from callbacks.run_checkpoint import RunCheckpoint
 from data.base import round_protocol
 from data.counterfact import CounterFactDataModule
 from lit_corsa.module import EditModule
-from lit_corsa.settings import EvaluationSettings, LoraSettings, ObjectiveSettings, OptimizerSettings
+from lit_corsa.settings import (
+    EvaluationSettings,
+    LoraSettings,
+    ObjectiveSettings,
+    OptimizerSettings,
+)
 
 EPOCHS = 4  # per round
 

@@ -4,7 +4,7 @@ import bitsandbytes as bnb
 import torch
 
 from data.tokenization import EncodedRequest, RequestCollator
-from data.sources import load_causal_lm
+from lit_common.sources import load_causal_lm
 from lit_corsa.lora import wrap_with_lora
 from lit_corsa.objectives import METHODS
 from lit_corsa.step import EditStep

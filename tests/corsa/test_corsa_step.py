@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from data.tokenization import RequestCollator, EncodedRequest
+from data.tokenization import EncodedRequest, RequestCollator
 from lit_corsa.objectives import METHODS, resolve_objective
 from lit_corsa.settings import ObjectiveSettings
 from lit_corsa.step import EditStep

@@ -5,7 +5,12 @@ import json
 
 import pytest
 
-from data.code_update import join_solution, parse_code_update_rows, solution_body, split_unit_tests
+from data.code_update import (
+    join_solution,
+    parse_code_update_rows,
+    solution_body,
+    split_unit_tests,
+)
 from data.counterfact import parse_counterfact_rows
 from data.formats import DataFormatError, RecordError, read_records
 from data.world_writers import code_update_records, counterfact_records, zsre_records

@@ -9,10 +9,10 @@ from data.base import EditDataModule
 from data.code_update import CodeUpdateDataModule
 from data.counterfact import CounterFactDataModule
 from data.formats import DataFormatError, RecordError
-from data.tokenization import IGNORE_INDEX
 from data.world_model import build_tokenizer
 from data.world_writers import code_update_records, counterfact_records, zsre_records
 from data.zsre import ZsREDataModule
+from lit_common.tokenization import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_base_class_requires_a_format(files):
 def test_answer_tokenizer_with_chat_template(files):
     from transformers import AutoTokenizer
 
-    from data.tokenization import AnswerTokenizer
+    from lit_common.tokenization import AnswerTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(files / "tokenizer")
     # roles spelled with words the world's vocabulary knows: "Write" opens a user turn, "return" an answer

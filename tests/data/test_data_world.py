@@ -7,10 +7,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data.sources import MODEL_DIR, WORLD_DIR, WORLD_FILES, empty_causal_lm, load_causal_lm, resolve
 from data.world import RELATIONS, WorldConfig, build_world
 from data.world_model import evaluate_world_model, load_card
 from data.world_writers import write_world_files
+from lit_common.sources import (
+    MODEL_DIR,
+    WORLD_DIR,
+    WORLD_FILES,
+    empty_causal_lm,
+    load_causal_lm,
+    resolve,
+)
 
 # floors for the committed world model (measured values are in its world_card.json and the README)
 SEEN_FLOOR, UNSEEN_FLOOR = 0.80, 0.75

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data.loaders import ResumableLoader
-from data.tokenization import IGNORE_INDEX
+from lit_common.tokenization import IGNORE_INDEX
 from lit_tacq.calibration import (
     CalibrationDataModule,
     collate_one,

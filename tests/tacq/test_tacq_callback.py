@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 
 from callbacks.run_checkpoint import RunCheckpoint
 from callbacks.tacq import TaCQCallback
-from data.sources import load_causal_lm
+from lit_common.layers import decoder_linears
+from lit_common.sources import load_causal_lm
 from lit_tacq.calibration import CalibrationDataModule
 from lit_tacq.io import WEIGHTS_FILE
-from lit_tacq.layers import decoder_linears
 from lit_tacq.module import CalibrationModule
 from lit_tacq.pipeline import QuantSettings
 

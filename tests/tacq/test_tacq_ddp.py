@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from callbacks.tacq import TaCQCallback
-from data.sources import load_causal_lm
+from lit_common.sources import load_causal_lm
 from lit_tacq.calibration import CalibrationDataModule
 from lit_tacq.io import load_quantized
 from lit_tacq.module import CalibrationModule

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.scoring import answer_accuracy
-from lit_tacq.calibration import EvaluationData, read_task_records
-from lit_tacq.evaluation import answer_scores, evaluate, text_nll
-from data.sources import load_causal_lm
+from lit_common.scoring import answer_accuracy
+from lit_common.sources import load_causal_lm
+from lit_tacq.calibration import read_task_records
+from lit_tacq.evaluation import EvaluationData, answer_scores, evaluate, text_nll
 
 
 class Oracle(nn.Module):

@@ -2,7 +2,13 @@ import pytest
 import torch
 
 from lit_tacq.gptq import HessianAccumulator, fill_kept, gptq_quantize
-from lit_tacq.quantizer import dequantize, expand_groups, fake_quantize, find_params, rtn_quantize
+from lit_tacq.quantizer import (
+    dequantize,
+    expand_groups,
+    fake_quantize,
+    find_params,
+    rtn_quantize,
+)
 
 
 def _layer(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

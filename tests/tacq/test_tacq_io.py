@@ -14,9 +14,14 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from lit_common.layers import find_decoder_blocks, find_linears
 from lit_tacq.gptq import gptq_quantize
-from lit_tacq.io import load_quantized, measured_bits_per_weight, quantized_modules, save_quantized
-from lit_tacq.layers import find_decoder_blocks, find_linears
+from lit_tacq.io import (
+    load_quantized,
+    measured_bits_per_weight,
+    quantized_modules,
+    save_quantized,
+)
 from lit_tacq.qlinear import QuantLinear
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from lit_tacq.packing import GAP_LIMIT, SUPPORTED_BITS, pack_codes, to_sparse_outliers, unpack_codes
+from lit_tacq.packing import (
+    GAP_LIMIT,
+    SUPPORTED_BITS,
+    pack_codes,
+    to_sparse_outliers,
+    unpack_codes,
+)
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)

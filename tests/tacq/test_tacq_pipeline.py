@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lit_common.layers import decoder_linears, find_decoder_blocks
 from lit_tacq import pipeline
 from lit_tacq.gptq import HessianAccumulator
 from lit_tacq.io import quantized_modules
-from lit_tacq.layers import decoder_linears, find_decoder_blocks
 from lit_tacq.pipeline import (
     QuantSettings,
     capture_block_inputs,

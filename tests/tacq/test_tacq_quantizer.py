@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from lit_tacq.quantizer import dequantize, expand_groups, fake_quantize, find_params, quantize, rtn_quantize
+from lit_tacq.quantizer import (
+    dequantize,
+    expand_groups,
+    fake_quantize,
+    find_params,
+    quantize,
+    rtn_quantize,
+)
 
 
 def _weights(rows: int = 16, cols: int = 64, seed: int = 0) -> torch.Tensor:

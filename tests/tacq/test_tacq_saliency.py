@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from lit_tacq.saliency import NEEDS, SCORERS, LayerStats, global_topk_mask, score, tacq_saliency
+from lit_tacq.saliency import (
+    NEEDS,
+    SCORERS,
+    LayerStats,
+    global_topk_mask,
+    score,
+    tacq_saliency,
+)
 
 W = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]])
 A = torch.tensor([[1.0, 2.0, 0.0], [3.0, 1.0, 1.0]])

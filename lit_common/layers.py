@@ -1,11 +1,15 @@
 """Finding the decoder blocks and their Linear layers by structure, not by module names.
 
-Works for Llama, Qwen2, Mistral and other Hugging Face decoders whose blocks sit in one
-``nn.ModuleList``. GPT-2 style ``Conv1D`` layers (weight stored as [in, out]) are not ``nn.Linear``
-and are therefore not found: such models are not supported.
+Works for Llama, Qwen2, Mistral, GPT-NeoX and other Hugging Face decoders whose blocks sit in one
+``nn.ModuleList``. One rule for both products: a decoder "Linear" is an ``nn.Linear`` or GPT-2's
+``Conv1D`` (the same map with its weight stored as [in, out]). LoRA adapts both kinds; TaCQ's packed
+format is written for ``nn.Linear`` and refuses ``Conv1D`` layers by name (:func:`require_nn_linear`).
 """
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
 def _param_count(module: nn.Module) -> int:
@@ -26,10 +30,10 @@ def find_decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(candidates, key=_param_count))
 
 
-def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside ``block``, keyed by its name relative to the block
+def find_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear (``nn.Linear`` or ``Conv1D``) inside ``block``, keyed by its name relative to the block
     (e.g. ``self_attn.q_proj``, ``mlp.down_proj``). Embeddings and lm_head live outside the blocks."""
-    return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+    return {name: module for name, module in block.named_modules() if isinstance(module, LINEAR_TYPES)}
 
 
 def named_decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -38,10 +42,19 @@ def named_decoder_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(names[id(block)], block) for block in find_decoder_blocks(model)]
 
 
-def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every decoder ``nn.Linear`` by its full module name (``model.layers.3.mlp.down_proj``), block order."""
+def decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every decoder Linear by its full module name (``model.layers.3.mlp.down_proj``), block order."""
     return {
         f"{prefix}.{name}": linear
         for prefix, block in named_decoder_blocks(model)
         for name, linear in find_linears(block).items()
     }
+
+
+def require_nn_linear(linears: dict[str, nn.Module]) -> dict[str, nn.Linear]:
+    """The layers unchanged if all are ``nn.Linear``; a clear refusal naming the first that is not."""
+    for name, layer in linears.items():
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"{name} is a {type(layer).__name__} (GPT-2 style, weight stored as [in, out]): TaCQ's "
+                             "quantizer and packed format support nn.Linear layers only")
+    return linears

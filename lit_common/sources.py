@@ -12,11 +12,16 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
 WORLD_PREFIX = "world:"
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "data" / "assets"  # the embedded world ships with data/
 MODEL_DIR = ASSETS_DIR / "world_model"
 WORLD_DIR = ASSETS_DIR / "world"
 WORLD_FILES = {
