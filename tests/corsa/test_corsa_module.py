@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -27,7 +28,8 @@ EPOCHS = 4  # per round
 
 
 def _run(tiny_assets, tmp_path, *, method="corsa", rounds=3, stop_after=None, ckpt_path=None, fresh=False,
-         precision="32-true", dtype="float32", learning_rate=1e-2, max_steps=-1, accumulate=1, callbacks=()):
+         precision="32-true", dtype="float32", learning_rate=1e-2, max_steps=-1, accumulate=1, callbacks=(),
+         merge=False):
     root, _ = tiny_assets
     L.seed_everything(0, verbose=False)
     dm = CounterFactDataModule(source=str(root / "world" / "counterfact.json"), tokenizer=str(root / "model"),
@@ -43,7 +45,7 @@ def _run(tiny_assets, tmp_path, *, method="corsa", rounds=3, stop_after=None, ck
         accelerator="cpu", devices=1, precision=precision, max_steps=max_steps, **protocol,
         logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[EditReport(output_dir=str(tmp_path / "run"), merge_adapter=True),
+        callbacks=[EditReport(output_dir=str(tmp_path / "run"), merge_adapter=merge),
                    RunCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=3), *callbacks],
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
@@ -51,8 +53,25 @@ def _run(tiny_assets, tmp_path, *, method="corsa", rounds=3, stop_after=None, ck
     return trainer, module, json.loads(metrics.read_text()) if metrics.exists() else None
 
 
-def test_sequential_rounds_write_metrics_plot_and_adapter(tiny_assets, tmp_path):
-    trainer, module, metrics = _run(tiny_assets, tmp_path)
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_assets, tmp_path_factory):
+    """The reference run: 3 rounds of CoRSA, adapter merged at the end; (directory, module, metrics)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    _, module, metrics = _run(tiny_assets, out, merge=True)
+    return out, module, metrics
+
+
+@pytest.fixture(scope="module")
+def stopped_after_round_0(tiny_assets, tmp_path_factory):
+    """The same run stopped after its first round (its checkpoint is what a resume starts from)."""
+    out = tmp_path_factory.mktemp("stopped")
+    trainer, _, _ = _run(tiny_assets, out, stop_after=1)
+    trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(out))  # what SLURM's SIGUSR1 does
+    return out
+
+
+def test_sequential_rounds_write_metrics_plot_and_adapter(tiny_assets, uninterrupted):
+    out, module, metrics = uninterrupted
     assert [r["eval_round"] for r in metrics["rounds"]] == [0, 1, 2]
     # after round k every edit of rounds 0..k is scored
     assert [sorted(r["by_edit_round"]) for r in metrics["rounds"]] == [["0"], ["0", "1"], ["0", "1", "2"]]
@@ -63,36 +82,30 @@ def test_sequential_rounds_write_metrics_plot_and_adapter(tiny_assets, tmp_path)
         assert name in summary["forgetting"]
         assert name in metrics["protocol"]["metrics"]
     assert metrics["objective"]["use_sam"] and metrics["objective"]["use_dpo"]
-    assert (tmp_path / "run" / "metrics.png").stat().st_size > 10_000
+    assert (out / "run" / "metrics.png").stat().st_size > 10_000
     # the edit did something: efficacy after its round beats the unedited model's preference for the truth
     assert summary["immediate"]["ES"] > 0.5
-    adapter = tmp_path / "run" / "adapter"
+    adapter = out / "run" / "adapter"
     base = AutoModelForCausalLM.from_pretrained(tiny_assets[0] / "model")
     reloaded = PeftModel.from_pretrained(base, adapter)
     ids = torch.tensor([[1, 5, 6, 7]])
     torch.testing.assert_close(reloaded(input_ids=ids).logits, module.model(input_ids=ids).logits)
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")  # a plain HF model, no peft
+    merged = AutoModelForCausalLM.from_pretrained(out / "run" / "merged")  # a plain HF model, no peft
     torch.testing.assert_close(merged(input_ids=ids).logits, module.model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_checkpoint_holds_adapter_optimizer_and_round(tiny_assets, tmp_path):
-    _run(tiny_assets, tmp_path, rounds=2)
-    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+def test_checkpoint_holds_adapter_optimizer_and_round(uninterrupted):
+    ckpt = torch.load(uninterrupted[0] / "ckpt" / "last.ckpt", weights_only=True)
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
     assert ckpt["optimizer_states"][0]["state"], "AdamW moments are in the checkpoint"
-    assert ckpt["CounterFactDataModule"]["current_round"] == 1
-    assert len(ckpt["callbacks"][next(k for k in ckpt["callbacks"] if "EditReport" in k)]["history"]) == 2
+    assert ckpt["CounterFactDataModule"]["current_round"] == 2
+    assert len(ckpt["callbacks"][next(k for k in ckpt["callbacks"] if "EditReport" in k)]["history"]) == 3
 
 
-def test_resume_mid_sequence_matches_uninterrupted(tiny_assets, tmp_path):
-    _, _, uninterrupted = _run(tiny_assets, tmp_path / "a")
-    _run(tiny_assets, tmp_path / "b", stop_after=1)
-    _, _, resumed = _run(tiny_assets, tmp_path / "b", ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
-    assert [r["eval_round"] for r in resumed["rounds"]] == [0, 1, 2]
-    for a, b in zip(uninterrupted["rounds"], resumed["rounds"]):
-        for scope in ("all",):
-            for name, value in a[scope].items():
-                assert b[scope][name] == pytest.approx(value, abs=1e-6), (a["eval_round"], name)
+def test_resume_mid_sequence_matches_uninterrupted(tiny_assets, uninterrupted, stopped_after_round_0, tmp_path):
+    shutil.copytree(stopped_after_round_0, tmp_path, dirs_exist_ok=True)
+    _, _, resumed = _run(tiny_assets, tmp_path, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed["rounds"] == uninterrupted[2]["rounds"]  # every score of every round, exactly
 
 
 class TerminateAfterBatch(L.Callback):
@@ -119,22 +132,18 @@ def test_resume_halfway_through_a_gradient_accumulation_matches_uninterrupted(ti
     assert resumed["rounds"] == uninterrupted["rounds"]
 
 
-def test_requeued_slurm_job_resumes_from_the_hpc_checkpoint(tiny_assets, tmp_path, monkeypatch):
+def test_requeued_slurm_job_resumes_from_the_hpc_checkpoint(tiny_assets, uninterrupted, stopped_after_round_0,
+                                                            tmp_path, monkeypatch):
     """What a requeued SLURM job does: Lightning saved hpc_ckpt_<n>.ckpt on the signal, and a new fit without
     ckpt_path picks it up by itself; the sequence then ends as if never interrupted."""
-    _, _, uninterrupted = _run(tiny_assets, tmp_path / "a")
-    trainer, _, _ = _run(tiny_assets, tmp_path / "b", stop_after=1)
-    trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(tmp_path / "b"))  # what SIGUSR1 does
+    shutil.copytree(stopped_after_round_0, tmp_path, dirs_exist_ok=True)
     for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "corsa", "SLURM_JOB_ID": "1", "SLURM_PROCID": "0",
                         "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}.items():
         monkeypatch.setenv(name, value)
-    trainer, _, resumed = _run(tiny_assets, tmp_path / "b")
+    trainer, _, resumed = _run(tiny_assets, tmp_path)
     assert type(trainer._accelerator_connector.cluster_environment).__name__ == "SLURMEnvironment"
     assert Path(trainer.ckpt_path).name == "hpc_ckpt_1.ckpt"  # resumed, not restarted
-    assert [r["eval_round"] for r in resumed["rounds"]] == [0, 1, 2]
-    for a, b in zip(uninterrupted["rounds"], resumed["rounds"]):
-        for name, value in a["all"].items():
-            assert b["all"][name] == pytest.approx(value, abs=1e-6), (a["eval_round"], name)
+    assert resumed["rounds"] == uninterrupted[2]["rounds"]
 
 
 def test_bf16_base_with_bf16_mixed_precision_edits_and_keeps_the_base(tiny_assets, tmp_path):
@@ -189,7 +198,7 @@ def test_baselines_run_through_the_same_harness(tiny_assets, tmp_path, method):
     _, module, metrics = _run(tiny_assets, tmp_path, method=method, rounds=2, fresh=True)
     assert metrics["method"] == method
     assert metrics["objective"]["use_sam"] is False
-    assert "ES" in metrics["summary"]["after_last_round"]
+    assert metrics["summary"]["immediate"]["ES"] > 0.5  # it trained: the unedited model prefers the old answers
 
 
 def test_world_reference_solutions_pass_and_old_ones_fail(world):
