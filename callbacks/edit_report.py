@@ -9,7 +9,6 @@ by vLLM) and, if asked, a merged full model. The history is callback state, so i
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import lightning.pytorch as L
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from lit_common.files import write_atomically
 from lit_corsa.evaluation import PROTOCOLS, RoundScores
 from lit_corsa.metrics import forgetting
 from lit_corsa.module import EditModule
@@ -89,10 +89,6 @@ def plot_history(history: dict[int, dict[str, Any]], path: Path, title: str = ""
     plt.close(fig)
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 class EditReport(L.Callback):
@@ -146,7 +142,7 @@ class EditReport(L.Callback):
             payload["summary"] = summarise(self.history)
         if self.test_scores is not None:
             payload["test"] = self.test_scores
-        _write_json(run_dir / "metrics.json", payload)
+        write_atomically(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=1) + "\n"))
         if self.plot and self.history:
             plot_history(self.history, run_dir / "metrics.png", f"{payload['method']} on {payload['data']}")
 

@@ -38,6 +38,8 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_common.files import replace_atomically
+
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 PARTIAL_SUFFIX = ".partial"
 RESUME_DEFAULTS = Path(__file__).resolve().parents[1] / "configs" / "defaults" / "resume.yaml"
@@ -58,32 +60,6 @@ def run_checkpoint_dir(trainer: L.Trainer) -> Path:
     if logger is not None and logger.save_dir is not None:
         return Path(logger.save_dir) / str(logger.name) / "checkpoints"
     return Path(trainer.default_root_dir) / "checkpoints"
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or a directory entry list) to disk, so a rename after it never exposes a hollow file."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_atomically(partial: Path, target: Path) -> None:
-    """Move a finished save over the previous one. A file is swapped in one rename; a distributed-checkpoint
-    folder (FSDP) cannot be renamed over a non-empty one, so the old folder is moved aside first and
-    removed after the swap."""
-    if partial.is_file():
-        _fsync(partial)
-        os.replace(partial, target)
-    else:
-        aside = target.with_name(target.name + ".old")
-        if target.exists():
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(target, aside)
-        os.replace(partial, target)
-        shutil.rmtree(aside, ignore_errors=True)
-    _fsync(target.parent)
 
 
 def _numerics() -> dict[str, Any]:

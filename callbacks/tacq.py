@@ -52,7 +52,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from callbacks.run_checkpoint import replace_atomically
+from lit_common.files import replace_atomically
 from lit_common.layers import decoder_linears
 from lit_tacq.calibration import example_index
 from lit_tacq.evaluation import evaluate

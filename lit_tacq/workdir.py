@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from lit_common.files import write_atomically
 
 WORK_FORMAT = 1
 PROGRESS_FILE = "progress.json"
@@ -70,14 +71,6 @@ class Progress:
     kept: dict[str, int] = field(default_factory=dict)
     total_weights: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class WorkDir:
@@ -221,21 +214,14 @@ class WorkDir:
         assert self.path is not None
         return self.path / f"{stem}.safetensors"
 
-    def _replace(self, target: Path, write: Callable[[Path], None]) -> None:
-        tmp = target.with_name(f".{target.name}.tmp")
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, target)
-
     def _save(self, stem: str, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
         if self.path is None:
             return
         on_cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        self._replace(self._file(stem), lambda tmp: save_file(on_cpu, str(tmp), metadata=metadata))
+        write_atomically(self._file(stem), lambda tmp: save_file(on_cpu, str(tmp), metadata=metadata))
 
     def _commit(self) -> None:
         if self.path is None:
             return
         text = json.dumps({"format": WORK_FORMAT, **asdict(self.progress)}, indent=1)
-        self._replace(self.path / PROGRESS_FILE, lambda tmp: tmp.write_text(text))
-        _fsync(self.path)
+        write_atomically(self.path / PROGRESS_FILE, lambda tmp: tmp.write_text(text))

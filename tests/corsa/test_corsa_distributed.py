@@ -12,13 +12,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.cli import ROOT, cli_command, cli_env, run_cli
+
 CONFIG = """
 seed_everything: 0
 trainer:
@@ -62,10 +62,10 @@ def _fit(out: Path, method: str, *extra: str, batch_size: int = 4, slurm_tasks: 
     config = out.with_suffix(".yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(CONFIG.format(out=out, method=method, batch_size=batch_size))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, "train.py", "fit", "--config", str(config), *extra]
+    env = cli_env()
+    command = cli_command("train.py", config, *extra)
     if not slurm_tasks:
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        result = run_cli(command)
         assert result.returncode == 0, result.stderr[-3000:]
         stderr = result.stderr
     else:

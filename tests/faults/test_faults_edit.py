@@ -3,14 +3,12 @@ evaluation, stopped by SIGTERM, each time rerun with the same command; it must e
 uninterrupted run ends."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.cli import cli_command, run_cli
+
 CONFIG = """
 seed_everything: 0
 trainer:
@@ -52,15 +50,7 @@ def _command(tmp_path: Path, tiny_assets) -> list[str]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     config.write_text(CONFIG.format(out=tmp_path / "runs", model=root / "model",
                                     data=root / "world" / "counterfact.json"))
-    return [sys.executable, "train.py", "fit", "--config", str(config)]
-
-
-def _run(command: list[str], kill: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.pop("LIT_TEST_KILL", None)
-    if kill:
-        env["LIT_TEST_KILL"] = kill
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return cli_command("train.py", config)
 
 
 def _final_metrics(tmp_path: Path) -> dict:
@@ -69,24 +59,24 @@ def _final_metrics(tmp_path: Path) -> dict:
 
 
 def test_killed_and_terminated_runs_resume_to_the_uninterrupted_result(tiny_assets, tmp_path):
-    uninterrupted = _run(_command(tmp_path / "a", tiny_assets))
+    uninterrupted = run_cli(_command(tmp_path / "a", tiny_assets))
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     command = _command(tmp_path / "b", tiny_assets)
     checkpoint = tmp_path / "b" / "runs" / "run" / "checkpoints" / "last.ckpt"
 
-    killed = _run(command, "train_batch_end:10:KILL")  # mid-round 1; last save: step 8, mid-epoch
+    killed = run_cli(command, "train_batch_end:10:KILL")  # mid-round 1; last save: step 8, mid-epoch
     assert killed.returncode == -9
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 8
-    killed = _run(command, "validation_end:1:KILL")  # round 1 scored, not yet saved (no save before it either)
+    killed = run_cli(command, "validation_end:1:KILL")  # round 1 scored, not yet saved (no save before it either)
     assert killed.returncode == -9 and "Resumed from" in killed.stderr
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 8
-    killed = _run(command, "train_epoch_start:4:KILL")  # round 1 scored and saved, round 2 not started
+    killed = run_cli(command, "train_epoch_start:4:KILL")  # round 1 scored and saved, round 2 not started
     assert killed.returncode == -9
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 12
-    terminated = _run(command, "train_batch_end:15:TERM")  # the last batch of an epoch, between step saves
+    terminated = run_cli(command, "train_batch_end:15:TERM")  # the last batch of an epoch, between step saves
     assert terminated.returncode == 143, terminated.stderr[-3000:]
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 15
-    finished = _run(command)
+    finished = run_cli(command)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
     expected, resumed = _final_metrics(tmp_path / "a"), _final_metrics(tmp_path / "b")

@@ -5,17 +5,14 @@ finished run in tests/tacq/test_tacq_callback.py, a quantization interrupted in 
 in tests/tacq/test_tacq_pipeline.py.)"""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.cli import cli_command, run_cli
 from tests.tacq.tiny import build_tiny
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIG = """
 seed_everything: 0
 trainer:
@@ -55,15 +52,7 @@ def tiny3(tmp_path_factory):
 def _command(out: Path, tiny) -> list[str]:
     config = out.with_suffix(".yaml")  # beside the run directory, where the CLI saves the resolved config
     config.write_text(CONFIG.format(out=out, model=tiny.model_dir, task_qa=tiny.task_qa))
-    return [sys.executable, "quantize.py", "fit", "--config", str(config)]
-
-
-def _run(command: list[str], kill: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.pop("LIT_TEST_KILL", None)
-    if kill:
-        env["LIT_TEST_KILL"] = kill
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return cli_command("quantize.py", config)
 
 
 def _without_timings(value):
@@ -87,19 +76,19 @@ def _progress(out: Path) -> tuple[str, int]:
 
 def test_killed_tacq_runs_resume_to_the_uninterrupted_export(tiny3, tmp_path):
     expected_out, out = tmp_path / "a", tmp_path / "b"
-    uninterrupted = _run(_command(expected_out, tiny3))
+    uninterrupted = run_cli(_command(expected_out, tiny3))
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     command = _command(out, tiny3)
     checkpoint, side_files = out / "checkpoints" / "last.ckpt", out / "checkpoints" / "tacq_state"
 
-    killed = _run(command, "train_batch_end:7:KILL")  # mid-calibration; last save: step 5
+    killed = run_cli(command, "train_batch_end:7:KILL")  # mid-calibration; last save: step 5
     assert killed.returncode == -9
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 5 and not (out / "export").exists()
-    killed = _run(command, "final_block:2:KILL")  # calibration finished and saved, 2 of 3 blocks quantized
+    killed = run_cli(command, "final_block:2:KILL")  # calibration finished and saved, 2 of 3 blocks quantized
     assert killed.returncode == -9 and "Resumed from" in killed.stderr
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 28
     assert _progress(out) == ("final", 2) and list(side_files.iterdir()) and not (out / "export").exists()
-    finished = _run(command)  # resumed from the calibration's end (the fit loop is done) and the final pass's block 2
+    finished = run_cli(command)  # resumed from the calibration's end (the fit loop is done) and the final pass's block 2
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert not (out / "export.partial").exists() and not side_files.exists()  # nothing left behind
 
