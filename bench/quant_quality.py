@@ -1,60 +1,61 @@
 """Quantization quality on the embedded world model: TaCQ against its baselines and ablations.
 
-    python -m bench.quant_quality                  # 2, 3 and 4 bits, every method (CPU, ~10-20 minutes)
+    python -m bench.quant_quality --threads 1      # 2, 3 and 4 bits, every method (CPU, about 10 minutes)
     python -m bench.quant_quality --bits 2 3 --methods rtn gptq tacq
 
-For fp32 and every (method, bits): accuracy on the task-QA "evaluation" facts (subjects calibration never
-saw), NLL per answer token on them, bits per weight measured from the saved directory's bytes (and the
-spec §2 accounting), calibration + quantization seconds and the process's peak memory; then the CPU
-time of a packed linear against the fp32 matmul. Every quantized model is saved with ``save_quantized``
-and scored after ``load_quantized``: the numbers are those of the stored artefact. All methods share one
-calibration set (TaCQ-general uses windows of the general corpus of the same token count instead).
-Prints a markdown table and writes ``bench/results/quant_quality.json``.
+Every method row is a run of the product as ``python quantize.py fit`` runs it (configs/demo_tacq.yaml on the
+CPU, without checkpoints): a Lightning Trainer fits ``CalibrationModule`` for one epoch on the examples
+``CalibrationDataModule`` builds, and ``TaCQCallback``, holding the row's ``QuantSettings``, quantizes, exports
+to a temporary directory, reloads the export and scores it. Rows differ only in their settings and data: task
+mode on the task file's calibration split; ``tacq_general``: general mode, windows of the world corpus with as
+many tokens as the task examples hold. Accuracy, answer NLL, bits, seconds and peak memory are the callback's
+report; the per-fact outcomes behind the paired standard errors of the verdicts come from scoring the reloaded
+export again with the same scorer (``lit_common.scoring``), which must reproduce the report's accuracy.
+
+The product runs the calibration epoch (one backward pass per example) for every row, also for those whose
+saliency reads no gradient (rtn, gptq, gptq_g128, gptq+magnitude/hessian/random): its time is reported apart
+from the quantization's. Each row runs in a fresh process forked from a server that has only imported the code,
+so the callback's memory probe (``ru_maxrss``, a process-lifetime peak) is that row's own. bitsandbytes NF4 is
+the external baseline: its own quantization (``Linear4bit``), the same scorer, the same probe, in its own
+process. Then the CPU time of a packed linear against the fp32 matmul. Prints a markdown table and writes
+``bench/results/quant_quality.json`` and a plot beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import logging
 import math
+import multiprocessing
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
-from dataclasses import asdict
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import psutil
+import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+import transformers
+from torch import nn
 from tqdm.auto import tqdm
 
+from callbacks.tacq import TaCQCallback, peak_memory_mb
 from lit_common.layers import decoder_linears
 from lit_common.scoring import answer_outcomes
-from lit_common.sources import load_causal_lm, load_tokenizer, resolve
-from lit_tacq.calibration import (
-    CalibrationExample,
-    read_task_records,
-    read_text,
-    task_examples,
-    text_windows,
-    tokenize_text,
-)
-from lit_tacq.io import (
-    accounted_bits_per_weight,
-    load_quantized,
-    measured_bits_per_weight,
-    save_quantized,
-)
-from lit_tacq.module import freeze_all_but_decoder_linears
-from lit_tacq.pipeline import QuantSettings, quantize_model
+from lit_common.sources import load_causal_lm, resolve
+from lit_tacq.calibration import CalibrationDataModule
+from lit_tacq.io import load_quantized
+from lit_tacq.module import CalibrationModule
+from lit_tacq.pipeline import QuantSettings
 from lit_tacq.qlinear import QuantLinear
 from lit_tacq.quantizer import rtn_quantize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quant_quality.json"
+NF4 = "nf4"
 
 # name -> (QuantSettings overrides, calibration data); every method keeps p of the weights unless "none"
 METHODS: dict[str, tuple[dict[str, Any], str]] = {
@@ -70,54 +71,78 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "ablation |W|*|g|": ({"saliency": "weight_grad"}, "task"),
 }
 
-
-class PeakRSS:
-    """Samples this process's resident memory in a thread; ``peak_mb`` is the largest value seen."""
-
-    def __init__(self, interval_s: float = 0.005) -> None:
-        self.interval_s, self.peak = interval_s, 0
-        self._process, self._stop = psutil.Process(), threading.Event()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            self._stop.wait(self.interval_s)
-
-    @contextmanager
-    def track(self) -> Iterator["PeakRSS"]:
-        self.peak = self._process.memory_info().rss
-        thread = threading.Thread(target=self._run, daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            thread.join()
-            self._stop.clear()
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak / 2**20
+TABLE_NOTE = ("calib s: the product's calibration epoch, one backward pass per example, which it runs for every "
+              "row, also where the saliency reads no gradient; quant s: the pipeline's stages (reference pass, mask, "
+              "final pass, with its per-block work directory); peak RSS: the callback's probe (ru_maxrss) in the "
+              "row's own process at the end of quantization (bnb_nf4: after its conversion)")
 
 
-def grad_abs_sums(model: nn.Module, examples: list[CalibrationExample], desc: str) -> dict[str, Tensor]:
-    """A = sum_n |dL_n/dW| over the examples, one backward each (what TaCQCallback accumulates)."""
-    model = copy.deepcopy(model)
-    linears = freeze_all_but_decoder_linears(model)
-    sums = {name: torch.zeros_like(linear.weight, dtype=torch.float32) for name, linear in linears.items()}
-    for example in tqdm(examples, desc=desc, leave=False):
-        model.zero_grad(set_to_none=True)
-        model(input_ids=example.input_ids[None], labels=example.labels[None]).loss.backward()
-        for name, linear in linears.items():
-            sums[name] += linear.weight.grad.abs().float()
-    return sums
+@dataclass(frozen=True)
+class Job:
+    """One row: a method at a bit width, its quantization settings (None for NF4) and data module settings."""
+
+    method: str
+    bits: int
+    settings: QuantSettings | None
+    data: dict[str, Any]
+    model: str
+    threads: int
+    seed: int
 
 
-def nf4_model(model: nn.Module) -> nn.Module:
+def scored(model: nn.Module, tokenizer: Any, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Accuracy, answer NLL and the per-fact outcomes as a 0/1 string (for paired comparisons)."""
+    correct, nll = answer_outcomes(model.eval(), tokenizer, pairs)
+    return {"accuracy": sum(correct) / len(pairs), "answer_nll": nll, "correct": "".join("01"[c] for c in correct)}
+
+
+def _quiet(threads: int) -> None:
+    """A row's process: the bench's thread count, and none of the per-fit chatter of Lightning and transformers."""
+    torch.set_num_threads(threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module=r"lightning\.pytorch\.utilities\._pytree")
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")  # quantize.py
+    warnings.filterwarnings("ignore", message=r".*does not have many workers")
+
+
+def calibrate_and_export(job: Job, root: Path) -> tuple[TaCQCallback, CalibrationDataModule]:
+    """``quantize.py fit`` with this row's settings, less its checkpoints and its fp32 evaluation (the parent
+    scores the fp32 model once): the fit's callback holds the report of the export."""
+    L.seed_everything(job.seed, verbose=False)
+    callback = TaCQCallback(export_dir=str(root / "export"), quant=job.settings, evaluate_fp=False, progress=False)
+    data = CalibrationDataModule(**job.data)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_epochs=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(root), callbacks=[callback])
+    trainer.fit(CalibrationModule(job.model), datamodule=data)
+    return callback, data
+
+
+def product_row(job: Job) -> dict[str, Any]:
+    """One method row from the callback's report, with the per-fact outcomes of its reloaded export."""
+    with tempfile.TemporaryDirectory() as root:
+        callback, data = calibrate_and_export(job, Path(root))
+        outcomes = scored(load_quantized(callback.export_dir), data.tokenizer, data.evaluation_data().pairs)
+    report = callback.report
+    if outcomes["accuracy"] != report["quantized"]["accuracy"]:
+        raise RuntimeError(f"{job.method} {job.bits}-bit: rescoring the export gives accuracy {outcomes['accuracy']}, "
+                           f"the callback reported {report['quantized']['accuracy']}")
+    calibration = report["calibration"]
+    return {
+        "method": job.method, "bits": job.bits, "calibration": calibration["mode"], "settings": report["quant"],
+        "calibration_examples": calibration["examples"], "calibration_tokens": calibration["tokens"],
+        "calibration_seconds": calibration["seconds"], "quantization_seconds": report["quantization_seconds"],
+        "stage_seconds": report["stage_seconds"], "peak_rss_mb": report["peak_rss_mb"],
+        "kept_fraction": report["kept_fraction"], "bits_measured": report["bits_measured"],
+        "bits_accounted": report["bits_accounted"], **report["quantized"], "correct": outcomes["correct"],
+    }
+
+
+def to_nf4(model: nn.Module) -> None:
     """Every decoder Linear as a bitsandbytes NF4 Linear4bit (blocks of 64, double-quantized statistics)."""
     import bitsandbytes as bnb
 
-    model = copy.deepcopy(model)
     for name, linear in decoder_linears(model).items():
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                   compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
@@ -126,7 +151,6 @@ def nf4_model(model: nn.Module) -> nn.Module:
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         model.set_submodule(name, layer.to("cpu"))  # quantization happens on the move to a device
-    return model
 
 
 def nf4_bits(model: nn.Module, names: list[str]) -> float:
@@ -139,33 +163,47 @@ def nf4_bits(model: nn.Module, names: list[str]) -> float:
     return 8 * n_bytes / n_weights
 
 
-def score_pairs(model: nn.Module, tokenizer: Any, pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """Accuracy, NLL and the per-fact outcomes as a 0/1 string (for paired comparisons)."""
-    correct, nll = answer_outcomes(model.eval(), tokenizer, pairs)
-    return {"accuracy": sum(correct) / len(pairs), "answer_nll": nll, "correct": "".join("01"[c] for c in correct)}
+def nf4_row(job: Job) -> dict[str, Any]:
+    """The external baseline, quantized by bitsandbytes itself, scored on the data module's evaluation facts."""
+    data = CalibrationDataModule(**job.data)
+    model = load_causal_lm(job.model)
+    names = list(decoder_linears(model))
+    start = time.perf_counter()
+    to_nf4(model)
+    seconds = time.perf_counter() - start
+    return {"method": "bnb_nf4", "bits": 4, "calibration": None, "calibration_seconds": None,
+            "quantization_seconds": seconds, **peak_memory_mb(), "bits_accounted": None,
+            "bits_measured": nf4_bits(model, names), **scored(model, data.tokenizer, data.evaluation_data().pairs)}
 
 
-def run_method(
-    fp_model: nn.Module, settings: QuantSettings, examples: list[CalibrationExample],
-    grads: dict[str, Tensor] | None, tokenizer: Any, pairs: list[tuple[str, str]], workdir: Path,
-) -> dict[str, Any]:
-    model = copy.deepcopy(fp_model)
-    tracker = PeakRSS()
-    with tracker.track():
-        start = time.perf_counter()
-        summary = quantize_model(model, [e.input_ids for e in examples], settings, grads, progress=False)
-        seconds = time.perf_counter() - start
-    out = save_quantized(model, workdir / "model")
-    row = {
-        "quant_seconds": seconds,
-        "peak_rss_mb": tracker.peak_mb,
-        "kept_fraction": summary.kept_fraction,
-        "bits_measured": measured_bits_per_weight(out),
-        "bits_accounted": accounted_bits_per_weight(model),
-        "stored_mb": sum(f.stat().st_size for f in out.iterdir()) / 2**20,
-    }
-    row.update(score_pairs(load_quantized(out), tokenizer, pairs))
-    return row
+def run_row(job: Job) -> dict[str, Any]:
+    _quiet(job.threads)
+    return nf4_row(job) if job.method == NF4 else product_row(job)
+
+
+def in_own_processes(jobs: list[Job]) -> list[dict[str, Any]]:
+    """``run_row`` for each job, one at a time, each in a fresh process forked from a server that has only imported
+    the product: a row's peak memory is its own (``ru_maxrss`` never goes down) and its timings see an idle box.
+    Not this module: under ``python -m`` each child runs it as its ``__main__`` (cheap once the product is in)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["callbacks.tacq", "lit_tacq.module"])
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as pool:
+        return list(tqdm(pool.map(run_row, jobs), total=len(jobs), desc="rows"))
+
+
+def data_settings(args: argparse.Namespace) -> tuple[CalibrationDataModule, dict[str, dict[str, Any]]]:
+    """CalibrationDataModule settings per calibration mode, both scored on the task file's evaluation facts;
+    general mode gets the task examples' token count (hence the built task data module, returned too)."""
+    common = {"model_name_or_path": args.model, "seed": args.seed, "eval_source": args.task_qa,
+              "eval_split": "evaluation", "eval_max_items": args.eval_max}
+    task = {"source": args.task_qa, "mode": "task", "split": "calibration", "token_budget": args.token_budget,
+            **common}
+    module = CalibrationDataModule(**task)
+    module.setup()
+    tokens = sum(len(e) for e in module.examples)
+    general = {"source": args.corpus, "mode": "general", "split": "train", "token_budget": tokens,
+               "window": args.window, **common}
+    return module, {"task": task, "general": general}
 
 
 def time_call(fn: Any, repeats: int) -> float:
@@ -196,28 +234,26 @@ def linear_timings(shapes: list[tuple[int, int]], tokens: list[int], bits: int =
     return rows
 
 
-def general_examples(corpus: str, tokenizer: Any, tokens: int, window: int, seed: int) -> list[CalibrationExample]:
-    ids = tokenize_text(read_text(corpus), tokenizer)
-    return [CalibrationExample(w, w.clone()) for w in text_windows(ids, window, max(1, tokens // window), seed)]
-
-
 def share_of_fp(accuracy: float, fp: dict[str, float]) -> float:
     """Accuracy as a fraction of the fp32 model's (NaN when the fp32 model knows nothing)."""
     return accuracy / fp["accuracy"] if fp["accuracy"] > 0 else float("nan")
 
 
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def markdown_table(fp: dict[str, float], rows: list[dict[str, Any]]) -> str:
-    lines = ["| method | bits | measured bits/w | accounted bits/w | accuracy | % of fp | answer NLL | "
-             "calib+quant s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|",
-             f"| fp32 | 32 | 32 | 32 | {fp['accuracy']:.3f} | 100.0 | {fp['answer_nll']:.3f} | - | - |"]
+    lines = [("| method | bits | measured bits/w | accounted bits/w | accuracy | % of fp | answer NLL | "
+              "calib s | quant s | peak RSS MB |"),
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| fp32 | 32 | 32 | 32 | {fp['accuracy']:.3f} | 100.0 | {fp['answer_nll']:.3f} | - | - | - |"]
     for r in rows:
-        accounted = f"{r['bits_accounted']:.3f}" if r.get("bits_accounted") else "-"
         method = r["method"].replace("|", "\\|")  # "ablation |g|*|dW|" must not split the table's cells
         lines.append(
-            f"| {method} | {r['bits']} | {r['bits_measured']:.3f} | {accounted} | {r['accuracy']:.3f} | "
-            f"{100 * share_of_fp(r['accuracy'], fp):.1f} | {r['answer_nll']:.3f} | {r['seconds']:.1f} | "
-            f"{r['peak_rss_mb']:.0f} |")
+            f"| {method} | {r['bits']} | {r['bits_measured']:.3f} | {_cell(r['bits_accounted'], '.3f')} | "
+            f"{r['accuracy']:.3f} | {100 * share_of_fp(r['accuracy'], fp):.1f} | {r['answer_nll']:.3f} | "
+            f"{_cell(r['calibration_seconds'], '.1f')} | {r['quantization_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -282,8 +318,8 @@ def verdicts(fp: dict[str, float], rows: list[dict[str, Any]], n_facts: int) -> 
                 notes.append(f"  vs {rival} ({other['bits_measured']:.2f} bits, {other['accuracy']:.3f}): "
                              f"{100 * delta:+.1f} +- {100 * two_se:.1f} points, {verdict}")
         gap = tacq["bits_measured"] / tacq["bits_accounted"] - 1
-        notes.append(f"  stored bits vs spec §2 accounting: {100 * gap:+.1f} % (target within 2 %; any gap is code "
-                     "padding to 32 codes per row and zero fillers between far-apart kept weights)")
+        notes.append(f"  stored bits vs the accounting of docs/tacq.md §2: {100 * gap:+.1f} % (target within 2 %; "
+                     "any gap is code padding to 32 codes per row and zero fillers between far-apart kept weights)")
         gptq = by.get(("gptq", bits))
         if gptq is not None and fp["accuracy"] - gptq["accuracy"] <= 2 * difference_se(fp, gptq, n_facts):
             notes.append(f"  plain GPTQ stays within noise of fp32 at {bits} bits: this setting cannot separate "
@@ -291,83 +327,68 @@ def verdicts(fp: dict[str, float], rows: list[dict[str, Any]], n_facts: int) -> 
     return notes
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="world:model")
     parser.add_argument("--task-qa", default="world:task_qa")
     parser.add_argument("--corpus", default="world:corpus")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS) + ["nf4"], choices=list(METHODS) + ["nf4"])
+    parser.add_argument("--methods", nargs="+", default=[*METHODS, NF4], choices=[*METHODS, NF4])
     parser.add_argument("--fraction", type=float, default=0.0035)
     parser.add_argument("--token-budget", type=int, default=128 * 2048)
-    parser.add_argument("--window", type=int, default=128, help="general-text window (the world model has 256 positions)")
+    parser.add_argument("--window", type=int, default=128,
+                        help="general-text window (the world model has 256 positions)")
     parser.add_argument("--eval-max", type=int, default=None, help="cap on evaluation facts")
     parser.add_argument("--timing-shapes", nargs="+", default=None, metavar="OUTxIN",
                         help="Linear shapes to time (default: the model's MLP up projection and 4096x4096)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def jobs_of(args: argparse.Namespace, data: dict[str, dict[str, Any]]) -> list[Job]:
+    """Every (method, bits) row in order, then NF4 (4 bits only)."""
+    jobs = []
+    for bits in args.bits:
+        for method in (m for m in args.methods if m != NF4):
+            overrides, mode = METHODS[method]
+            settings = QuantSettings(bits=bits, fraction=args.fraction, seed=args.seed, **overrides)
+            jobs.append(Job(method, bits, settings, data[mode], args.model, args.threads, args.seed))
+    if NF4 in args.methods:
+        jobs.append(Job(NF4, 4, None, data["task"], args.model, args.threads, args.seed))
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    tokenizer = load_tokenizer(args.model)
-    fp_model = load_causal_lm(args.model).eval()
-    task = task_examples(read_task_records(resolve(args.task_qa), "calibration"), tokenizer, args.token_budget,
-                         args.seed)
-    task_tokens = sum(len(e) for e in task)
-    calibration = {"task": task}
-    if "tacq_general" in args.methods:
-        calibration["general"] = general_examples(args.corpus, tokenizer, task_tokens, args.window, args.seed)
-    pairs = [(r["prompt"], r["answer"]) for r in read_task_records(resolve(args.task_qa), "evaluation")]
-    pairs = pairs[: args.eval_max]
-    fp = score_pairs(fp_model, tokenizer, pairs)
+    task, data = data_settings(args)
+    pairs = task.evaluation_data().pairs
+    fp_model = load_causal_lm(args.model)
+    fp = scored(fp_model, task.tokenizer, pairs)
+    task_tokens = sum(len(e) for e in task.examples)
     print(f"fp32: accuracy {fp['accuracy']:.3f}, answer NLL {fp['answer_nll']:.3f} on {len(pairs)} held-out facts; "
-          f"calibration: {len(task)} task examples ({task_tokens} tokens)")
+          f"calibration: {len(task.examples)} task examples ({task_tokens} tokens)")
 
-    grads: dict[str, tuple[dict[str, Tensor], float, float]] = {}  # data -> (A, seconds, peak MB)
-    rows: list[dict[str, Any]] = []
-    jobs = [(m, b) for b in args.bits for m in args.methods if m != "nf4"]
-    for method, bits in tqdm(jobs, desc="methods"):
-        overrides, data = METHODS[method]
-        settings = QuantSettings(bits=bits, fraction=args.fraction, seed=args.seed, **overrides)
-        if settings.needs_gradients and data not in grads:
-            tracker = PeakRSS()
-            with tracker.track():
-                start = time.perf_counter()
-                sums = grad_abs_sums(fp_model, calibration[data], f"gradients ({data})")
-            grads[data] = (sums, time.perf_counter() - start, tracker.peak_mb)
-        A, grad_seconds, grad_peak = grads[data] if settings.needs_gradients else (None, 0.0, 0.0)
-        with tempfile.TemporaryDirectory() as workdir:
-            row = run_method(fp_model, settings, calibration[data], A, tokenizer, pairs, Path(workdir))
-        row.update(method=method, bits=bits, calibration=data, gradient_seconds=grad_seconds,
-                   seconds=grad_seconds + row["quant_seconds"], peak_rss_mb=max(row["peak_rss_mb"], grad_peak),
-                   settings=asdict(settings))
-        rows.append(row)
-    if "nf4" in args.methods:
-        tracker = PeakRSS()
-        with tracker.track():
-            start = time.perf_counter()
-            model = nf4_model(fp_model)
-            seconds = time.perf_counter() - start
-        rows.append({"method": "bnb_nf4", "bits": 4, "calibration": None, "seconds": seconds, "quant_seconds": seconds,
-                     "gradient_seconds": 0.0, "peak_rss_mb": tracker.peak_mb, "bits_accounted": None,
-                     "bits_measured": nf4_bits(model, list(decoder_linears(fp_model))),
-                     **score_pairs(model, tokenizer, pairs)})
-
+    rows = in_own_processes(jobs_of(args, data))
+    general = next((r for r in rows if r["calibration"] == "general"), None)
     shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.timing_shapes or []]
-    timing = linear_timings(shapes or [(fp_model.config.intermediate_size, fp_model.config.hidden_size), (4096, 4096)],
-                            [1, 64])
+    config = fp_model.config
+    timing = linear_timings(shapes or [(config.intermediate_size, config.hidden_size), (4096, 4096)], [1, 64])
     result = {
         "model": resolve(args.model),
         "model_card": _card(args.model),
         "fp32": fp,
         "evaluation_facts": len(pairs),
-        "calibration": {"task_examples": len(task), "task_tokens": task_tokens,
-                        "general_windows": len(calibration.get("general", [])), "window": args.window},
+        "calibration": {"task_examples": len(task.examples), "task_tokens": task_tokens,
+                        "general_windows": general["calibration_examples"] if general else 0, "window": args.window},
         "fraction": args.fraction,
         "threads": args.threads,
         "rows": rows,
+        "table_note": TABLE_NOTE,
         "linear_timing_cpu": timing,
         "total_seconds": time.perf_counter() - started,
     }
@@ -377,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plot_accuracy_vs_bits(result, args.out.with_suffix(".png"))
 
     print(markdown_table(fp, rows))
+    print(f"\n{TABLE_NOTE}")
     print("\nCPU time of one linear, PyTorch path (decode all codes, then matmul) vs fp32:")
     for t in timing:
         print(f"  {t['out']}x{t['in']}, {t['tokens']} tokens, {t['bits']}-bit: fp32 {t['fp32_us']:.0f} us, "

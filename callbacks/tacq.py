@@ -28,8 +28,8 @@ Quantization is resumable per decoder block: the pipeline persists its progress 
 ``export_dir`` in one rename once its report.json is complete; then the work directory and this run's
 accumulator side files (needed until then: a crash during quantization resumes from the calibration's
 checkpoint) are deleted. A rerun of a finished run finds its id in ``export_dir/report.json``, says so and
-redoes nothing. The GPTQ Hessians are not accumulated during the epoch: spec §2 wants each layer's H from
-inputs that went through the already-quantized earlier layers, which only exist during the pipeline's
+redoes nothing. The GPTQ Hessians are not accumulated during the epoch: docs/tacq.md §2 wants each layer's
+H from inputs that went through the already-quantized earlier layers, which only exist during the pipeline's
 sequential passes. The model weights are never written to a checkpoint (the module drops them).
 """
 
@@ -68,8 +68,11 @@ STATE_VERSION = 2  # 2: run id; side files named by on_save_checkpoint
 REPORT_FILE = "report.json"
 
 
-def _peak_memory_mb() -> dict[str, float]:
-    """Peak resident memory of this process (and peak CUDA allocation when a GPU is used), in MiB."""
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process (and peak CUDA allocation when a GPU is used), in MiB, so far.
+
+    ``ru_maxrss`` is the peak over the process's whole life: to measure one run, give it its own process
+    (``bench/quant_quality.py`` does, and reads this same probe)."""
     peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -295,7 +298,7 @@ class TaCQCallback(Callback):
         report["stage_seconds"] = summary.seconds
         report["kept_fraction"] = summary.kept_fraction
         report["bits_accounted"] = accounted_bits_per_weight(model)
-        report.update(_peak_memory_mb())
+        report.update(peak_memory_mb())
 
         staged = self.work_dir / "export"
         shutil.rmtree(staged, ignore_errors=True)  # an export a kill interrupted
@@ -317,8 +320,9 @@ class TaCQCallback(Callback):
 
     @staticmethod
     def _summary_line(report: dict[str, Any]) -> str:
+        accounted = f"{report['bits_accounted']:.3f} by the formula of docs/tacq.md §2"
         parts = [f"TaCQ export: {report['export_dir']}",
-                 f"{report['bits_measured']:.3f} bits/weight measured ({report['bits_accounted']:.3f} by spec §2)",
+                 f"{report['bits_measured']:.3f} bits/weight measured ({accounted})",
                  f"{report['quantization_seconds']:.1f} s"]
         for key in ("accuracy", "answer_nll", "text_nll"):
             if key in report.get("quantized", {}):

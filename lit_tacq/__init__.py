@@ -5,4 +5,9 @@ packed directory (io, with ``manifest`` checking it before a load allocates anyt
 pass (pipeline, resumable per block through ``workdir``). ``calibration`` (data module) and ``module``
 (LightningModule) are the Lightning side of the calibration epoch; ``callbacks/tacq.py`` accumulates the
 gradients during it and runs the pipeline when the fit ends.
+
+Paper: Xiao, Sung, Stengel-Eskin, Bansal, *Task-Circuit Quantization: Leveraging Knowledge Localization and
+Interpretability for Compression*, https://arxiv.org/abs/2504.07389 (reference code:
+https://github.com/The-Inscrutable-X/TACQ). ``docs/tacq.md`` states the method as this project implements it;
+"docs/tacq.md §N" in docstrings points to its sections.
 """

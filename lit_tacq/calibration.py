@@ -1,6 +1,6 @@
 """Calibration data for TaCQ: which token sequences the gradients and Hessians are measured on.
 
-Two settings (spec §3), both under one token budget:
+Two settings (docs/tacq.md §3), both under one token budget:
 
 - ``task``: whole task examples (prompt + " " + answer), shuffled with a fixed seed and taken until the
   next one would exceed the budget, never truncated. The source is a JSONL file of
@@ -152,7 +152,7 @@ class CalibrationDataModule(L.LightningDataModule):
         source: task JSONL (``mode="task"``) or text (``mode="general"``): a path, ``world:`` alias or hub id.
         mode: ``task`` (whole examples) or ``general`` (random windows of text).
         model_name_or_path: where the tokenizer comes from (the CLI links it to the model's).
-        token_budget: calibration tokens (spec: about 128 x 2048).
+        token_budget: calibration tokens (docs/tacq.md §3: about 128 x 2048).
         window: tokens per window in ``general`` mode.
         split: the calibration split (``calibration`` of a task file, e.g. ``train`` of a hub dataset).
         answer_only: restrict each example's loss to its answer tokens (task mode).

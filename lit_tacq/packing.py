@@ -90,8 +90,8 @@ _GAP_MASK = 0xFFFF
 
 @dataclass
 class SparseOutliers:
-    """The kept 16-bit weights of one [rows, cols] matrix: exactly spec §2's 16 value bits and 16 index
-    bits per kept weight, with no per-row array.
+    """The kept 16-bit weights of one [rows, cols] matrix: exactly the 16 value bits and 16 index bits per kept
+    weight of docs/tacq.md §2, with no per-row array.
 
     Values are in row-major order; ``gaps[i]`` holds the distance from the previous kept position in the
     flattened matrix (the first from position -1), minus one, as the bit pattern of a uint16 in an int16

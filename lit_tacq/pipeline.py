@@ -65,7 +65,7 @@ def _is_number(value: Any) -> bool:
 
 @dataclass
 class QuantSettings:
-    """How to quantize (spec §2). ``saliency="none"`` keeps nothing in 16 bits: plain GPTQ / RTN.
+    """How to quantize (docs/tacq.md §2). ``saliency="none"`` keeps nothing in 16 bits: plain GPTQ / RTN.
 
     ``reference`` is how Q(W) of the saliency is computed, ``quantizer`` the final (masked) quantizer.
     Every field is checked when the settings are made (for the CLI: when the config is parsed, before any
