@@ -183,7 +183,6 @@ class RunCheckpoint(ModelCheckpoint):
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
 
-    # ---- SLURM's requeue signal, deferred to a batch boundary ---------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if trainer.ckpt_path:
@@ -191,6 +190,10 @@ class RunCheckpoint(ModelCheckpoint):
                            "(--ckpt_path null starts over)")
         else:
             rank_zero_info(f"No checkpoint in {self.dirpath}: a new run")
+        self._defer_requeue_signal()
+
+    # ---- SLURM's requeue signal, deferred to a batch boundary ---------------------------------------------
+    def _defer_requeue_signal(self) -> None:
         handler = signal.getsignal(signal.SIGUSR1)
         if callable(handler):  # Lightning's auto-requeue (SLURM): hpc save + requeue, run between batches
             self._usr1_handler = handler
