@@ -2,8 +2,10 @@
 
 ``world:<name>`` names a file or model of the embedded world (``world:model``, ``world:counterfact``, ...)
 and resolves to the committed asset, so configs work from any directory. Anything else is a local path
-when it exists, otherwise a hub id handed to ``from_pretrained`` / ``load_dataset`` unchanged. The
-loaders below are the only places the project turns such a name into a model or a tokenizer.
+when it exists, otherwise a hub id handed to ``from_pretrained`` / ``load_dataset`` unchanged. A model may
+also be a local GGUF file (``model.gguf``, or a directory holding one and no ``config.json``): config,
+weights (dequantized) and tokenizer then come from that file (:mod:`lit_common.gguf_source`). The loaders
+below are the only places the project turns such a name into a model or a tokenizer.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from lit_common import gguf_source
 
 WORLD_PREFIX = "world:"
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "data" / "assets"  # the embedded world ships with data/
@@ -61,8 +65,16 @@ def _check_dtype(dtype: str) -> None:
 
 def load_causal_lm(name_or_path: str, dtype: str = "float32", load_in_4bit: bool = False) -> PreTrainedModel:
     """``from_pretrained`` with a dtype by name ("auto" keeps the checkpoint's); ``load_in_4bit`` gives a
-    bitsandbytes NF4 base (QLoRA-style), computing in ``dtype`` (bfloat16 for "auto")."""
+    bitsandbytes NF4 base (QLoRA-style), computing in ``dtype`` (bfloat16 for "auto"). A GGUF source is
+    dequantized to ``dtype`` (float32 for "auto")."""
     _check_dtype(dtype)
+    source = gguf_source.gguf_file(resolve(name_or_path))
+    if source is not None:
+        if load_in_4bit:  # transformers refuses a quantization_config next to a gguf_file
+            raise ValueError(f"load_in_4bit cannot load the GGUF {source}: bitsandbytes quantizes while "
+                             "transformers reads a safetensors checkpoint. Convert it once with `python -m "
+                             f"lit_common.gguf_source {source} DIR` and use DIR as model_name_or_path")
+        return gguf_source.load_causal_lm(source, DTYPES.get(dtype, "auto"))
     kwargs: dict = {"dtype": DTYPES.get(dtype, "auto")}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -78,9 +90,12 @@ def empty_causal_lm(name_or_path: str, dtype: str = "float32") -> PreTrainedMode
     receive their weights from rank 0 (FSDP), so a node never holds more than one full copy."""
     _check_dtype(dtype)
     path = resolve(name_or_path)
-    config = AutoConfig.from_pretrained(path)
+    source = gguf_source.gguf_file(path)
+    config = gguf_source.load_config(source) if source is not None else AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, **({"dtype": DTYPES[dtype]} if dtype in DTYPES else {}))
+    if source is not None:  # from_pretrained reads no generation_config.json for a GGUF either
+        return model
     try:  # from_pretrained reads generation_config.json too; without it, generation would differ by rank
         model.generation_config = GenerationConfig.from_pretrained(path)
     except OSError:  # the model has none: from_config derived the same defaults from_pretrained would
@@ -90,7 +105,9 @@ def empty_causal_lm(name_or_path: str, dtype: str = "float32") -> PreTrainedMode
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (the EOS token when it has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    path = resolve(name_or_path)
+    source = gguf_source.gguf_file(path)
+    tokenizer = gguf_source.load_tokenizer(source) if source is not None else AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -35,3 +35,13 @@ def tiny_assets(tmp_path_factory):
         progress=False, num_edits=24,
     )
     return root, card
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """A tiny Llama as llama.cpp writes a GGUF (Q4_1 Linears, Q8_0 embedding, byte-level BPE tokenizer with a
+    chat template): (path, the float32 HF model holding exactly the weights the file decodes to)."""
+    from tests.common.tiny_gguf import write_tiny_gguf
+
+    path = tmp_path_factory.mktemp("tiny_gguf") / "tiny.gguf"
+    return path, write_tiny_gguf(path)
