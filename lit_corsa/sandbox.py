@@ -78,6 +78,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -400,17 +401,43 @@ def _read_report(fd: int) -> Optional[tuple[int, bool]]:
     return (int(match[1]), match[2] == b"1") if match else None
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _wait_until_gone(pids: list[int], limit_s: float = 5.0) -> None:
+    """Until each process has exited (a zombie has). A PID namespace's init turns into one only after the
+    kernel has killed and reaped every process left in its namespace, so this waits for the whole tree."""
+    deadline = time.monotonic() + limit_s
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+                    break
+            except OSError:
+                break
+            time.sleep(0.005)
+
+
 def _wait(proc: subprocess.Popen, timeout_s: float) -> bool:
-    """Wait for ``proc`` at most ``timeout_s``, then kill its process group; True if it timed out."""
+    """Wait for ``proc`` at most ``timeout_s``, then kill its process group; True if it timed out.
+
+    The sandbox's PID 1 (``unshare``'s child) may outlive ``unshare`` by the moments the kernel takes to
+    kill the rest of its namespace, so the run is over only when it is gone too."""
     try:
         proc.wait(timeout=timeout_s)
         return False
     except subprocess.TimeoutExpired:
         return True
     finally:
+        namespace_init = _children(proc.pid)
         # Also after a normal end: without namespaces, background children would live on.
         _kill_group(proc.pid)
         proc.wait()
+        _wait_until_gone(namespace_init)
 
 
 def _execute(code: str, timeout_s: float, memory_mb: int, max_processes: int, max_output_mb: int,
