@@ -52,7 +52,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lit_common.files import replace_atomically
+from lit_common.files import replace_atomically, write_atomically
 from lit_common.layers import decoder_linears
 from lit_tacq.calibration import example_index
 from lit_tacq.evaluation import evaluate
@@ -382,10 +382,9 @@ class TaCQCallback(Callback):
         directory = self._side_dir()
         directory.mkdir(parents=True, exist_ok=True)
         path = self._side_file(directory, trainer.global_step, trainer.global_rank)
-        tmp = path.with_name(f".{path.name}.tmp")
         tensors = {name: a.contiguous() for name, a in self.grad_abs_sum.items()}
-        save_file(tensors, str(tmp), metadata={"examples_done": str(self.examples_done)})
-        tmp.replace(path)
+        metadata = {"examples_done": str(self.examples_done)}
+        write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         if path not in self._written:
             self._written.append(path)
         while len(self._written) > self.keep_state_files:

@@ -51,6 +51,3 @@ class KillSwitch(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._maybe_kill("validation_end", trainer.datamodule.current_round)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._maybe_kill("train_end", trainer.global_step)
