@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as L
 import torch
@@ -63,6 +63,9 @@ class EditDataModule(L.LightningDataModule):
         chat_template: wrap prompts in the tokenizer's chat template (instruct models).
         append_eos: end every answer with the EOS token, so an edited model stops after it (needed where
             whole generations are executed, as for code; chat templates add their own end-of-turn).
+        locality_anchors: prompts per edit request for the locality term (docs/corsa.md §9): drawn, with
+            ``shuffle_seed``, from the records this run does not edit (those after its edits in the shuffled
+            order), never a prompt that is also scored; 0 (the default) draws none.
     """
 
     hub_split: str = "train"
@@ -82,6 +85,7 @@ class EditDataModule(L.LightningDataModule):
         split: str | None = None,
         chat_template: bool = False,
         append_eos: bool = False,
+        locality_anchors: int = 0,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -94,12 +98,15 @@ class EditDataModule(L.LightningDataModule):
             raise ValueError(f"data max_length must hold a prompt token and an answer token (>= 2), got {max_length}")
         if num_workers < 0:
             raise ValueError(f"data num_workers must be >= 0, got {num_workers}")
+        if locality_anchors < 0:
+            raise ValueError(f"data locality_anchors must be >= 0, got {locality_anchors}")
         self.save_hyperparameters()
         self.source, self.tokenizer_name = source, tokenizer
         self.num_updates, self.edits_per_update, self.epochs_per_update = num_updates, edits_per_update, epochs_per_update
         self.batch_size, self.eval_batch_size, self.max_length = batch_size, eval_batch_size, max_length
         self.shuffle_seed, self.limit, self.split = shuffle_seed, limit, split or self.hub_split
         self.chat_template, self.append_eos, self.num_workers = chat_template, append_eos, num_workers
+        self.locality_anchors = locality_anchors
         self.current_round = 0
         self.rounds: list[list[EditRecord]] = []
         self._encoded_requests: list[list[EncodedRequest]] = []
@@ -135,6 +142,14 @@ class EditDataModule(L.LightningDataModule):
 
     # ---- rounds --------------------------------------------------------------------------------------
     @staticmethod
+    def anchor_prompts(unedited: list[EditRecord], scored: set[str]) -> list[str]:
+        """Every distinct prompt (requests' and probes') of records the run does not edit, except prompts
+        that are also scored: the pool the locality anchors are drawn from."""
+        prompts = [request.prompt for record in unedited for request in record.requests]
+        prompts += [probe.prompt for record in unedited for probe in record.probes]
+        return [p for p in dict.fromkeys(prompts) if p not in scored]
+
+    @staticmethod
     def split_rounds(records: list[EditRecord], num_updates: int, edits_per_update: int | None) -> list[list[EditRecord]]:
         per_round = edits_per_update or len(records) // num_updates
         if per_round < 1 or per_round * num_updates > len(records):
@@ -162,15 +177,17 @@ class EditDataModule(L.LightningDataModule):
         """Read, validate, split and tokenise everything once; nothing is kept if any step fails."""
         if self.rounds:
             return
-        rounds = self.split_rounds(self.load_records(), self.num_updates, self.edits_per_update)
+        records = self.load_records()
+        rounds = self.split_rounds(records, self.num_updates, self.edits_per_update)
         tok = AnswerTokenizer(self.tokenizer, self.chat_template, self.max_length, self.append_eos)
+        draw_anchors = self._anchor_drawer(records[sum(map(len, rounds)):], rounds, tok)
         requests, probes, next_request, next_probe = [], [], 0, 0
         for k, round_records in enumerate(rounds):
             round_requests, round_probes = [], []
             for record in round_records:
                 try:
                     for request in record.requests:
-                        round_requests.append(encode_request(tok, next_request, request))
+                        round_requests.append(encode_request(tok, next_request, request, draw_anchors()))
                         next_request += 1
                     for probe in record.probes:
                         round_probes.append(encode_probe(tok, next_probe, k, probe))
@@ -181,6 +198,21 @@ class EditDataModule(L.LightningDataModule):
             requests.append(round_requests)
             probes.append(round_probes)
         self.rounds, self._encoded_requests, self._encoded_probes = rounds, requests, probes
+
+    def _anchor_drawer(self, unedited: list[EditRecord], rounds: list[list[EditRecord]], tok: AnswerTokenizer
+                       ) -> Callable[[], tuple[list[int], ...]]:
+        """A function giving each next request its ``locality_anchors`` encoded prompts (a seeded draw)."""
+        if not self.locality_anchors:
+            return lambda: ()
+        scored = {probe.prompt for round_ in rounds for record in round_ for probe in record.probes}
+        scored |= {request.prompt for round_ in rounds for record in round_ for request in record.requests}
+        pool = self.anchor_prompts(unedited, scored)
+        if len(pool) < self.locality_anchors:
+            raise ValueError(f"data locality_anchors={self.locality_anchors} needs that many prompts of records the "
+                             f"run does not edit; {self.source} leaves {len(pool)} (lower it, or edit fewer records)")
+        encoded = [tok.encode_prompt(prompt) for prompt in pool]
+        rng = random.Random(f"anchors-{self.shuffle_seed}")
+        return lambda: tuple(encoded[i] for i in rng.sample(range(len(encoded)), self.locality_anchors))
 
     # ---- loaders -------------------------------------------------------------------------------------
     def _sync_round_with_trainer(self) -> None:
@@ -251,7 +283,7 @@ class EditDataModule(L.LightningDataModule):
     # ---- checkpointed state --------------------------------------------------------------------------
     # what decides which batches a round trains on; a resume with other values would mix two runs
     RESUME_SETTINGS = ("num_updates", "edits_per_update", "epochs_per_update", "batch_size", "max_length",
-                       "shuffle_seed", "limit", "chat_template", "append_eos")
+                       "shuffle_seed", "limit", "chat_template", "append_eos", "locality_anchors")
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -21,6 +21,7 @@ class EncodedRequest:
     prompt_ids: list[int]
     new_ids: list[int]
     old_ids: list[int] | None
+    anchor_ids: tuple[list[int], ...] = ()  # prompts the run does not edit, for the locality term
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,11 @@ class EncodedProbe:
     contrast_ids: list[int] | None
 
 
-def encode_request(tok: AnswerTokenizer, request_id: int, request: EditRequest) -> EncodedRequest:
+def encode_request(tok: AnswerTokenizer, request_id: int, request: EditRequest,
+                   anchor_ids: tuple[list[int], ...] = ()) -> EncodedRequest:
     prompt_ids, new_ids = tok.encode(request.prompt, request.target_new)
     old_ids = tok.encode(request.prompt, request.target_old)[1] if request.target_old else None
-    return EncodedRequest(request_id, prompt_ids, new_ids, old_ids)
+    return EncodedRequest(request_id, prompt_ids, new_ids, old_ids, anchor_ids)
 
 
 def encode_probe(tok: AnswerTokenizer, probe_id: int, edit_round: int, probe: Probe) -> EncodedProbe:
@@ -85,19 +87,25 @@ class ProbeList:
 
 
 class RequestCollator:
-    """Training batches: ``chosen`` (prompt + new answer) and ``rejected`` (prompt + old answer)."""
+    """Training batches: ``chosen`` (prompt + new answer) and ``rejected`` (prompt + old answer), and the
+    requests' locality ``anchors`` (right-padded prompts), when they have any."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
     def __call__(self, items: list[EncodedRequest]) -> dict[str, Any]:
         pair = _pair([i.prompt_ids for i in items], [i.new_ids for i in items], [i.old_ids for i in items], self.pad_id)
-        return {
+        batch = {
             "request_id": torch.tensor([i.request_id for i in items]),
             "chosen": pair["first"],
             "rejected": pair["second"],
             "has_rejected": pair["has_second"],
         }
+        anchors = [a for i in items for a in i.anchor_ids]
+        if anchors:
+            padded = right_padded(anchors, [[] for _ in anchors], self.pad_id)
+            batch["anchors"] = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+        return batch
 
 
 class ProbeCollator:

@@ -24,9 +24,23 @@ def decoder_linear_names(model: nn.Module) -> list[str]:
 
 
 def wrap_with_lora(model: PreTrainedModel, r: int = 8, alpha: int = 16, dropout: float = 0.0,
-                   target_modules: list[str] | None = None, gradient_checkpointing: bool = False) -> PeftModel:
+                   target_modules: list[str] | None = None, gradient_checkpointing: bool = False,
+                   saved_adapter: str | None = None) -> PeftModel:
     """Freeze the base model and add a trainable LoRA adapter (named ``default``); ``target_modules=None``
-    means every decoder Linear, found by type."""
+    means every decoder Linear, found by type. ``saved_adapter``: a directory written by peft's
+    ``save_pretrained`` to start from instead (its own rank, alpha and targets then apply)."""
+    model = _prepare(model, gradient_checkpointing)
+    if saved_adapter is not None:
+        return PeftModel.from_pretrained(model, saved_adapter, is_trainable=True)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+        target_modules=target_modules or decoder_linear_names(model),
+    )
+    return get_peft_model(model, config)
+
+
+def _prepare(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:
+    """What a base model needs before an adapter goes on it: k-bit preparation, activation checkpointing."""
     if getattr(model, "is_loaded_in_4bit", False):
         from peft import prepare_model_for_kbit_training
 
@@ -34,8 +48,4 @@ def wrap_with_lora(model: PreTrainedModel, r: int = 8, alpha: int = 16, dropout:
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
-        target_modules=target_modules or decoder_linear_names(model),
-    )
-    return get_peft_model(model, config)
+    return model

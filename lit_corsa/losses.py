@@ -75,3 +75,17 @@ def dpo_loss(
     reward_margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
     loss = -F.logsigmoid(reward_margin).mean()
     return loss, (policy_chosen - policy_rejected).detach(), reward_margin.detach()
+
+
+def next_token_kl(logits: Tensor, attention_mask: Tensor, reference_logps: Tensor) -> Tensor:
+    """Mean over rows of KL(reference || model) of the next-token distribution after each right-padded
+    prompt (its last real position): the locality term (docs/corsa.md §9), zero when the adapted model
+    predicts what the base model predicted. ``reference_logps`` are the base model's log-probs there, [B, V]."""
+    logps = next_token_logprobs(logits, attention_mask)
+    return F.kl_div(logps, reference_logps, log_target=True, reduction="batchmean")
+
+
+def next_token_logprobs(logits: Tensor, attention_mask: Tensor) -> Tensor:
+    """fp32 log-probs of the token after each right-padded prompt, [B, V] (the locality reference)."""
+    last = attention_mask.sum(dim=-1) - 1
+    return logits[torch.arange(logits.shape[0], device=logits.device), last].float().log_softmax(-1)

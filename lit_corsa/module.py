@@ -43,7 +43,7 @@ from data.base import EditDataModule
 from lit_common.sources import empty_causal_lm, load_causal_lm, load_tokenizer
 from lit_corsa.evaluation import ProbeEvaluator, RoundScores, metric_names
 from lit_corsa.lora import wrap_with_lora
-from lit_corsa.losses import sequence_logprobs
+from lit_corsa.losses import next_token_logprobs, sequence_logprobs
 from lit_corsa.objectives import resolve_objective
 from lit_corsa.seeding import position_seed
 from lit_corsa.settings import (
@@ -73,6 +73,9 @@ class EditModule(L.LightningModule):
         objective / lora / optimizer / evaluation: the settings groups of :mod:`lit_corsa.settings`.
         dtype: weights' dtype ("float32", "bfloat16", "float16", "auto"); ``load_in_4bit`` for a
             QLoRA-style NF4 base; ``gradient_checkpointing`` trades compute for activation memory.
+        adapter: a saved adapter (the ``adapter/`` that :class:`callbacks.edit_report.EditReport` writes) to
+            start from instead of a fresh one, e.g. to score it with ``train.py validate``; its own rank,
+            alpha and targets apply, ``lora`` is then unused.
     """
 
     scores: RoundScores | None
@@ -89,6 +92,7 @@ class EditModule(L.LightningModule):
         dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
         load_in_4bit: bool = False,
         gradient_checkpointing: bool = False,
+        adapter: str | None = None,
     ) -> None:
         super().__init__()
         self.objective_settings = _group(ObjectiveSettings, objective)
@@ -97,7 +101,7 @@ class EditModule(L.LightningModule):
         self.evaluation_settings = _group(EvaluationSettings, evaluation)
         self.save_hyperparameters({  # plain values: checkpoints load with weights_only=True
             "model_name_or_path": model_name_or_path, "method": method, "dtype": dtype,
-            "load_in_4bit": load_in_4bit, "gradient_checkpointing": gradient_checkpointing,
+            "load_in_4bit": load_in_4bit, "gradient_checkpointing": gradient_checkpointing, "adapter": adapter,
             "objective": asdict(self.objective_settings), "lora": asdict(self.lora_settings),
             "optimizer": asdict(self.optimizer_settings), "evaluation": asdict(self.evaluation_settings),
         })
@@ -126,7 +130,7 @@ class EditModule(L.LightningModule):
         else:
             base = empty_causal_lm(hp.model_name_or_path, hp.dtype)
         self.model = wrap_with_lora(base, lora.r, lora.alpha, lora.dropout, lora.target_modules,
-                                    hp.gradient_checkpointing)
+                                    hp.gradient_checkpointing, hp.adapter)
         self.model.train()  # from_pretrained returns eval mode; train as HF's Trainer does (the base's dropout on)
         if mesh is not None:
             shard_from_rank0(self.model, mesh)
@@ -156,6 +160,9 @@ class EditModule(L.LightningModule):
         self._run_seed = torch.initial_seed()  # seed_everything's seed, the same again in a resumed process
         if self.objective.use_dpo and not dm.has_old_answers():
             rank_zero_warn("no edit has an old answer: the DPO margin term will contribute nothing")
+        if self.objective.locality_weight > 0 and not dm.locality_anchors:
+            raise ValueError(f"model.objective.locality_weight={self.objective.locality_weight} needs prompts to keep: "
+                             "set data.init_args.locality_anchors (e.g. 2)")
 
     def on_fit_start(self) -> None:
         if str(self.trainer.precision).startswith("16"):
@@ -225,11 +232,21 @@ class EditModule(L.LightningModule):
                     self._reference[batch["request_id"].cpu(), column] = sequence_logprobs(logits, seq["labels"]).float().cpu()
         self.model.train(was_training)
 
+    @torch.no_grad()
+    def _anchor_reference(self, anchors: dict[str, Tensor]) -> Tensor:
+        """The base model's next-token log-probs after the batch's anchor prompts (the locality target); per
+        batch rather than cached, as anchors are few and drawn per request."""
+        with self.model.disable_adapter():
+            logits = self.model(input_ids=anchors["input_ids"], attention_mask=anchors["attention_mask"]).logits
+        return next_token_logprobs(logits, anchors["attention_mask"])
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         accumulate = self.optimizer_settings.accumulate
         torch.manual_seed(position_seed(self._run_seed, "train", self.current_epoch, batch_idx, self.global_rank))
         reference = self._reference_for(batch["request_id"]) if self.objective.use_dpo else None
-        grads, logs = self.step_fn(self.model, self.trainable, batch, reference, scale=1.0 / accumulate)
+        anchor_reference = self._anchor_reference(batch["anchors"]) if self.objective.locality_weight > 0 else None
+        grads, logs = self.step_fn(self.model, self.trainable, batch, reference, scale=1.0 / accumulate,
+                                   anchor_reference=anchor_reference)
         losses = {k: logs[k] for k in ("sft", "dpo") if k in logs}
         if not _all_finite(losses.values()):
             self._fail_non_finite("loss (" + ", ".join(f"{k} {float(v)}" for k, v in losses.items()) + ")")

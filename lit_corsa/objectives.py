@@ -25,6 +25,8 @@ class Objective:
     merge: how the two task gradients combine: a PCGrad mode (:mod:`lit_corsa.pcgrad`: ``sequential``, the
         reference's rule, ``symmetric``, or ``none``, then averaged), or ``weighted_sum`` =
         sft_weight·g_sft + dpo_weight·g_dpo (EasyEdit's DPO editor: one loss, 0.99·SFT + 0.01·DPO).
+    locality_weight: adds locality_weight·KL(base || adapted) on prompts the run does not edit to the SFT
+        loss (docs/corsa.md §9), so it sits on the SFT side of the merge; 0 leaves it out.
     """
 
     use_dpo: bool
@@ -32,6 +34,7 @@ class Objective:
     merge: Merge = "sequential"
     sft_weight: float = 1.0
     dpo_weight: float = 1.0
+    locality_weight: float = 0.0
 
     @property
     def needs_two_gradients(self) -> bool:
@@ -61,4 +64,4 @@ def resolve_objective(method: str, settings: ObjectiveSettings = ObjectiveSettin
         objective = replace(objective, sft_weight=settings.sft_weight)
     if settings.dpo_weight is not None:
         objective = replace(objective, dpo_weight=settings.dpo_weight)
-    return objective
+    return replace(objective, locality_weight=settings.locality_weight)

@@ -27,7 +27,9 @@ class ObjectiveSettings:
 
     beta: DPO temperature. rho: SAM radius. projection: PCGrad ``sequential`` (the reference's rule),
     ``symmetric``, or ``none`` (the two gradients averaged, the no-projection ablation); ``None`` keeps
-    the method's own. sft_weight / dpo_weight: override the method's loss weights.
+    the method's own. sft_weight / dpo_weight: override the method's loss weights. locality_weight: weight
+    of the locality term (docs/corsa.md §9; 0, the paper's objective, leaves it out; > 0 needs the data's
+    ``locality_anchors``).
     """
 
     beta: float = 0.1
@@ -35,6 +37,7 @@ class ObjectiveSettings:
     projection: Projection | None = None
     sft_weight: float | None = None
     dpo_weight: float | None = None
+    locality_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _check("objective", {
@@ -44,6 +47,7 @@ class ObjectiveSettings:
                            "sequential, symmetric, none or null"),
             "sft_weight": (self.sft_weight is None or self.sft_weight >= 0, ">= 0"),
             "dpo_weight": (self.dpo_weight is None or self.dpo_weight >= 0, ">= 0"),
+            "locality_weight": (self.locality_weight >= 0, ">= 0"),
         }, self)
 
 

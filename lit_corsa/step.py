@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from lit_corsa.losses import dpo_loss, sequence_logprobs, sft_loss, token_counts
+from lit_corsa.losses import dpo_loss, next_token_kl, sequence_logprobs, sft_loss, token_counts
 from lit_corsa.objectives import Objective
 from lit_corsa.pcgrad import project_conflicting
 from lit_corsa.sam import global_grad_norm, sam_perturb, sam_restore
@@ -27,6 +27,7 @@ Grads = list[Optional[Tensor]]
 class PassResult:
     grads: Grads
     sft: Tensor
+    locality: Tensor | None
     dpo: Tensor | None
     margin: Tensor | None
     projected: bool
@@ -45,6 +46,8 @@ class EditStep:
 
     ``reference`` holds the frozen base model's summed log-probs of the chosen and rejected answers,
     ``[B, 2]`` (computed once per edit by the caller); it is only read when the objective uses DPO.
+    ``anchor_reference`` holds the base model's next-token log-probs after the batch's ``anchors`` prompts,
+    ``[A, V]`` (computed per batch by the caller); it is only read when the objective has a locality term.
     ``scale`` divides the losses (1 / gradient-accumulation steps).
     """
 
@@ -52,15 +55,21 @@ class EditStep:
         self.objective, self.beta, self.rho = objective, beta, rho
 
     def one_pass(self, model: nn.Module, params: list[Tensor], batch: dict[str, Any],
-                 reference: Tensor | None, scale: float = 1.0) -> PassResult:
+                 reference: Tensor | None, scale: float = 1.0, anchor_reference: Tensor | None = None) -> PassResult:
         objective = self.objective
         input_ids, attention_mask, labels = _stack_rows(batch, objective.use_dpo)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         logps = sequence_logprobs(logits, labels)
         rows = batch["chosen"]["input_ids"].shape[0]
         sft = sft_loss(logps[:rows], token_counts(labels[:rows])) * objective.sft_weight
+        locality = None
+        if objective.locality_weight > 0:
+            anchors = batch["anchors"]
+            anchor_logits = model(input_ids=anchors["input_ids"], attention_mask=anchors["attention_mask"]).logits
+            locality = next_token_kl(anchor_logits, anchors["attention_mask"], anchor_reference)
+            sft = sft + objective.locality_weight * locality
         if not objective.use_dpo:
-            return PassResult(_grad(sft * scale, params), sft.detach(), None, None, False)
+            return PassResult(_grad(sft * scale, params), sft.detach(), _detached(locality), None, None, False)
         has_rejected = batch["has_rejected"]
         if bool(has_rejected.any()):
             dpo, margin, _ = dpo_loss(logps[:rows][has_rejected], logps[rows:][has_rejected],
@@ -69,17 +78,22 @@ class EditStep:
         else:  # no old answer in this batch: the margin term contributes nothing
             dpo, margin = logps.sum() * 0.0, None
         if not objective.needs_two_gradients:
-            return PassResult(_grad((sft + dpo) * scale, params), sft.detach(), dpo.detach(), margin, False)
+            return PassResult(_grad((sft + dpo) * scale, params), sft.detach(), _detached(locality), dpo.detach(),
+                              margin, False)
         g_dpo = _grad(dpo * scale, params, retain_graph=True)
         g_sft = _grad(sft * scale, params)
         merged, projected = project_conflicting(g_dpo, g_sft, objective.merge)
-        return PassResult(merged, sft.detach(), dpo.detach(), margin, projected)
+        return PassResult(merged, sft.detach(), _detached(locality), dpo.detach(), margin, projected)
 
     def __call__(self, model: nn.Module, params: list[Tensor], batch: dict[str, Any],
-                 reference: Tensor | None = None, scale: float = 1.0) -> tuple[Grads, dict[str, Tensor]]:
-        """The update gradient (at φ + ε for SAM objectives, at φ otherwise) and what to log."""
-        first = self.one_pass(model, params, batch, reference, scale)
+                 reference: Tensor | None = None, scale: float = 1.0,
+                 anchor_reference: Tensor | None = None) -> tuple[Grads, dict[str, Tensor]]:
+        """The update gradient (at φ + ε for SAM objectives, at φ otherwise) and what to log; ``sft`` is
+        logged with the locality term included (it is one loss on the SFT side of the merge)."""
+        first = self.one_pass(model, params, batch, reference, scale, anchor_reference)
         logs = {"sft": first.sft}
+        if first.locality is not None:
+            logs["locality"] = first.locality
         if first.dpo is not None:
             logs["dpo"] = first.dpo
             logs["projected"] = torch.tensor(float(first.projected))
@@ -93,12 +107,16 @@ class EditStep:
             logs["sam_skipped"] = torch.tensor(1.0)
             return first.grads, logs
         try:
-            second = self.one_pass(model, params, batch, reference, scale)
+            second = self.one_pass(model, params, batch, reference, scale, anchor_reference)
         finally:
             sam_restore(params, saved)
         if second.dpo is not None:
             logs["projected_at_perturbed"] = torch.tensor(float(second.projected))
         return second.grads, logs
+
+
+def _detached(value: Tensor | None) -> Tensor | None:
+    return None if value is None else value.detach()
 
 
 def _grad(loss: Tensor, params: list[Tensor], retain_graph: bool = False) -> Grads:
