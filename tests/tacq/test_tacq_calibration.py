@@ -9,8 +9,10 @@ from lit_tacq.calibration import (
     CalibrationDataModule,
     collate_one,
     read_task_records,
+    read_text,
     task_examples,
     text_windows,
+    tokenize_text,
 )
 
 
@@ -107,3 +109,88 @@ def test_resuming_against_other_data_fails(tiny):
     other = CalibrationDataModule(tiny.task_qa, model_name_or_path=tiny.model_dir, token_budget=200, seed=1)
     with pytest.raises(ValueError, match="other examples"):
         other.load_state_dict(saved)
+
+
+def test_a_local_text_splits_into_disjoint_parts(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("".join(f"line {i}\n\n" for i in range(20)))  # blank lines are not documents
+    train, test = (read_text(str(path), split).splitlines() for split in ("train", "test"))
+    assert test == ["line 9", "line 19"] and train == [f"line {i}" for i in range(20) if i % 10 != 9]
+    assert read_text(str(path), "calibration") == read_text(str(path), "train")
+    assert read_text(str(path), "evaluation") == read_text(str(path), "test")
+    assert read_text(str(path), "all").splitlines() == [f"line {i}" for i in range(20)]
+
+    path.write_text("".join(f"line {i}\n" for i in range(1000)))  # 50 blocks of 20 lines: every tenth is test
+    test = read_text(str(path), "test").splitlines()
+    assert test == [f"line {i}" for i in range(1000) if i // 20 % 10 == 9] and len(test) == 100
+    assert test[0] == "line 180" and test[-1] == "line 999"  # spread over the file, not its tail
+    with pytest.raises(ValueError, match=r"text.txt is a local text, whose splits are .*not 'validation'"):
+        read_text(str(path), "validation")
+
+
+def _windows_of(ids: torch.Tensor, window: int) -> set[tuple[int, ...]]:
+    return {tuple(w.tolist()) for w in ids.unfold(0, window, 1)}
+
+
+def test_general_calibration_and_text_evaluation_never_share_text(tiny):
+    dm = CalibrationDataModule(tiny.corpus, mode="general", split="train", model_name_or_path=tiny.model_dir,
+                               token_budget=256, window=32, eval_source=tiny.corpus, eval_split="test", eval_windows=3)
+    dm.setup()
+    train = tokenize_text(read_text(tiny.corpus, "train"), dm.tokenizer)
+    test = tokenize_text(read_text(tiny.corpus, "test"), dm.tokenizer)
+    assert all(tuple(e.input_ids.tolist()) in _windows_of(train, 32) for e in dm.examples)
+    windows = dm.evaluation_data().windows
+    last = len(test) - 32  # evenly spaced from the start to the end of the test part
+    assert [w.tolist() for w in windows] == [test[s : s + 32].tolist() for s in (0, last // 2, last)]
+    assert not {tuple(w.tolist()) for w in windows} & _windows_of(train, 32)
+
+
+def test_eval_text_adds_perplexity_windows_to_a_task_evaluation(tiny):
+    plain = CalibrationDataModule(tiny.task_qa, model_name_or_path=tiny.model_dir).evaluation_data()
+    assert plain.pairs and not plain.windows  # unset: as before
+    dm = CalibrationDataModule(tiny.task_qa, model_name_or_path=tiny.model_dir, window=32, eval_windows=4,
+                               eval_text=tiny.corpus)
+    both = dm.evaluation_data()
+    assert both.pairs == plain.pairs
+    test = tokenize_text(read_text(tiny.corpus, "test"), dm.tokenizer)
+    starts = [i * (len(test) - 32) // 3 for i in range(4)]
+    assert [w.tolist() for w in both.windows] == [test[s : s + 32].tolist() for s in starts]
+    assert all(b - a >= 32 for a, b in zip(starts, starts[1:]))  # never overlapping
+    twice = CalibrationDataModule(tiny.corpus, mode="general", model_name_or_path=tiny.model_dir, window=32,
+                                  eval_source=tiny.corpus, eval_text=tiny.corpus)
+    with pytest.raises(ValueError, match="is text already: set one of them"):
+        twice.evaluation_data()
+    short = CalibrationDataModule(tiny.task_qa, model_name_or_path=tiny.model_dir, window=10**6, eval_text=tiny.corpus)
+    with pytest.raises(ValueError, match=r"corpus.txt \(test\) has \d+ tokens, fewer than one window of 1000000"):
+        short.evaluation_data()
+
+
+def _task_file(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_task_records_with_and_without_alternatives(tiny, tmp_path):
+    records = read_task_records(tiny.task_qa)
+    answers = [r["answer"] for r in records]
+    with_alternatives = [{**r, "alternative": answers[i - 1]} for i, r in enumerate(records)]
+    path = _task_file(tmp_path / "alt.jsonl", with_alternatives)
+    data = CalibrationDataModule(path, model_name_or_path=tiny.model_dir).evaluation_data()
+    evaluation = [r for r in with_alternatives if r["split"] == "evaluation"]
+    assert data.pairs == [(r["prompt"], r["answer"]) for r in evaluation]
+    assert data.alternatives == [r["alternative"] for r in evaluation]
+    assert not CalibrationDataModule(tiny.task_qa, model_name_or_path=tiny.model_dir).evaluation_data().alternatives
+    calibration = CalibrationDataModule(path, model_name_or_path=tiny.model_dir, token_budget=300)
+    plain = CalibrationDataModule(tiny.task_qa, model_name_or_path=tiny.model_dir, token_budget=300)
+    assert calibration.fingerprint() == plain.fingerprint()  # alternatives are never calibrated on
+
+    mixed = [dict(r) for r in with_alternatives]
+    missing = next(i for i, r in enumerate(mixed) if r["split"] == "evaluation" and i > 0)
+    del mixed[missing]["alternative"]
+    path = _task_file(tmp_path / "mixed.jsonl", mixed)
+    with pytest.raises(ValueError, match=rf"mixed.jsonl: record {missing}: field 'alternative': expected a non-empty "
+                                         r"string, as record \d+ of the same split has one"):
+        read_task_records(path, "evaluation")
+    mixed[missing]["alternative"] = " "
+    with pytest.raises(ValueError, match=rf"record {missing}: field 'alternative': expected a non-empty string"):
+        read_task_records(_task_file(tmp_path / "blank.jsonl", mixed))

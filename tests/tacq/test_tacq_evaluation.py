@@ -1,14 +1,15 @@
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_common.scoring import answer_accuracy
+from lit_common.scoring import PairScore, answer_accuracy, preferred
 from lit_common.sources import load_causal_lm
 from lit_tacq.calibration import read_task_records
-from lit_tacq.evaluation import EvaluationData, answer_scores, evaluate, text_nll
+from lit_tacq.evaluation import EvaluationData, answer_scores, evaluate, scored_evaluation, text_nll
 
 
 class Oracle(nn.Module):
@@ -55,3 +56,49 @@ def test_text_nll_and_evaluate_keys(tiny):
     metrics = evaluate(model, tiny.tokenizer, EvaluationData(pairs=[("Where was Bob born?", "Varrow")], windows=windows))
     assert set(metrics) == {"accuracy", "answer_nll", "text_nll", "perplexity"}
     assert model.training  # the mode is restored
+
+
+class Biased(nn.Module):
+    """The same next-token distribution at every position: ``bias`` favours some tokens, whatever the input."""
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(bias)
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.bias.expand(*input_ids.shape, -1))
+
+
+def test_preference_compares_mean_token_logprobs_of_answer_and_alternative(tiny):
+    ids: dict[str, list[int]] = {}  # eight answers of the world that share no token
+    for record in read_task_records(tiny.task_qa):
+        tokens = tiny.tokenizer(" " + record["answer"], add_special_tokens=False)["input_ids"]
+        if len(ids) < 8 and not set(tokens) & {t for seen in ids.values() for t in seen}:
+            ids[record["answer"]] = tokens
+    words = list(ids)
+    pairs = [(f"Question {i}?", words[i]) for i in range(4)]
+    alternatives = words[4:8]
+    bias = torch.zeros(len(tiny.tokenizer))
+    for word in (words[0], words[1], words[6], words[7]):  # answers 0, 1 and alternatives 2, 3 are favoured
+        bias[ids[word]] = 4.0
+    model = Biased(bias)
+    data = EvaluationData(pairs=pairs, alternatives=alternatives)
+    metrics, correct = scored_evaluation(model, tiny.tokenizer, data, batch_size=3)
+    assert metrics["preference"] == 0.5  # pairs 0 and 1 prefer their answer, 2 and 3 their alternative
+    logp = bias.log_softmax(-1)
+    expected = [logp[ids[a]].mean() > logp[ids[b]].mean() for (_, a), b in zip(pairs, alternatives)]
+    assert expected == [True, True, False, False]
+    assert evaluate(model, tiny.tokenizer, data) == metrics and len(correct) == 4
+    plain = evaluate(model, tiny.tokenizer, EvaluationData(pairs=pairs))
+    assert "preference" not in plain and plain["accuracy"] == metrics["accuracy"]  # alternatives change nothing else
+    assert plain["answer_nll"] == metrics["answer_nll"]
+
+
+def test_preference_is_per_token_and_needs_one_alternative_per_pair(tiny):
+    pair = ("Where was Bob born?", "Varrow")
+    answer, longer = PairScore(False, 2.0, 1), PairScore(False, 3.0, 2)  # total NLL 2 < 3, per token 2 > 1.5
+    assert preferred([answer], [longer]) == [False]
+    with pytest.raises(ValueError, match="2 alternatives for 1 pairs"):
+        EvaluationData(pairs=[pair], alternatives=["A", "B"])
+    with pytest.raises(ValueError, match="1 answers but 0 alternatives"):
+        preferred([answer], [])

@@ -1,0 +1,1 @@
+"""Excerpts of real benchmark files (see README.md here) and what is derived from them."""
