@@ -213,12 +213,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     unedited = [scores_of_all_edits(args, seed) for seed in args.seeds]
     runs = [(method, seed) for seed in args.seeds for method in args.methods]
-    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(
-            args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-            initargs=(args.threads,)) as pool:
-        futures = {run: pool.submit(timed_run, args, *run, Path(tmp) / f"{run[0]}-{run[1]}") for run in runs}
-        for (method, seed), future in futures.items():  # in submission order: seeds stay in order per method
-            results[method].append(future.result())
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.jobs == 1:
+            for method, seed in runs:
+                results[method].append(timed_run(args, method, seed, Path(tmp) / f"{method}-{seed}"))
+        else:
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
+                futures = {run: pool.submit(timed_run, args, *run, Path(tmp) / f"{run[0]}-{run[1]}") for run in runs}
+                for (method, seed), future in futures.items():  # submission order: seeds in order per method
+                    results[method].append(future.result())
     table = aggregate(results, unedited)
     text = markdown(table, args)
     print(text)
