@@ -22,7 +22,8 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -164,7 +165,13 @@ def plot_rounds(results: dict[str, list[dict]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def markdown(table: dict[str, dict], args: argparse.Namespace) -> str:
+def _seed_note(seeds: dict[str, list[int]]) -> str:
+    """The seeds behind the table: one list when every method ran the same ones, else per method."""
+    lists = {tuple(v) for v in seeds.values()}
+    return str(list(lists.pop())) if len(lists) == 1 else ", ".join(f"{m} {v}" for m, v in seeds.items())
+
+
+def markdown(table: dict[str, dict], args: argparse.Namespace, seeds: dict[str, list[int]]) -> str:
     head = ["method"] + [f"{c} (final)" for c in ("ES", "PS", "NS")] + [
         "NS / unedited", "gen. tok. acc", "loc. tok. acc", "PS imm.", "forget ES", "forget PS", "step / dpo", "step / lora"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -176,7 +183,7 @@ def markdown(table: dict[str, dict], args: argparse.Namespace) -> str:
                  ratio("step_vs_dpo"), ratio("step_vs_lora")]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\n{args.benchmark}, {args.rounds} rounds x {args.edits_per_round} edits, "
-                 f"{args.epochs_per_round} epochs per round, seeds {args.seeds}; final = the saved adapter read back from "
+                 f"{args.epochs_per_round} epochs per round, seeds {_seed_note(seeds)}; final = the saved adapter read back from "
                  "disk, over all edits (largest difference from the run's own last evaluation: "
                  f"{max(row.get('saved_vs_in_memory', 0.0) for row in table.values()):.3f}); imm. = each round's edits right after their round; forget = docs/corsa.md §6 (positive = forgotten).")
     return "\n".join(lines)
@@ -210,27 +217,55 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "edit_quality.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results: dict[str, list[dict]] = {m: [] for m in args.methods}
-    unedited = [scores_of_all_edits(args, seed) for seed in args.seeds]
-    runs = [(method, seed) for seed in args.seeds for method in args.methods]
+    tasks = [(UNEDITED, seed) for seed in args.seeds] + [(m, seed) for seed in args.seeds for m in args.methods]
+    done: dict[tuple[str, int], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.jobs == 1:
-            for method, seed in runs:
-                results[method].append(timed_run(args, method, seed, Path(tmp) / f"{method}-{seed}"))
-        else:
-            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
-                futures = {run: pool.submit(timed_run, args, *run, Path(tmp) / f"{run[0]}-{run[1]}") for run in runs}
-                for (method, seed), future in futures.items():  # submission order: seeds in order per method
-                    results[method].append(future.result())
+        for task, result in completed(args, tasks, Path(tmp)):
+            done[task] = result
+            table = save(args, done, final=len(done) == len(tasks))
+    return table
+
+
+UNEDITED = "unedited"
+
+
+def run_task(args: argparse.Namespace, task: tuple[str, int], tmp: Path) -> dict:
+    """One unit of the benchmark: the unedited model's scores for a seed, or one (method, seed) run."""
+    method, seed = task
+    if method == UNEDITED:
+        return scores_of_all_edits(args, seed)
+    return timed_run(args, method, seed, tmp / f"{method}-{seed}")
+
+
+def completed(args: argparse.Namespace, tasks: list[tuple[str, int]], tmp: Path) -> Iterator[tuple[tuple[str, int], dict]]:
+    """(task, result) as each task finishes: in this process, or ``--jobs`` worker processes side by side."""
+    if args.jobs == 1:
+        yield from ((task, run_task(args, task, tmp)) for task in tasks)
+        return
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
+        futures = {pool.submit(run_task, args, task, tmp): task for task in tasks}
+        yield from ((futures[future], future.result()) for future in as_completed(futures))
+
+
+def save(args: argparse.Namespace, done: dict[tuple[str, int], dict], final: bool) -> dict[str, dict]:
+    """Aggregate what has finished and write it (after every task, so a stopped benchmark keeps its finished
+    runs, marked ``complete: false``); the table and plot are printed and drawn once everything is done."""
+    unedited = [done[(UNEDITED, s)] for s in args.seeds if (UNEDITED, s) in done]
+    results = {m: [done[(m, s)] for s in args.seeds if (m, s) in done] for m in args.methods}
+    results = {m: runs for m, runs in results.items() if runs}
+    if not unedited or not results:
+        return {}
     table = aggregate(results, unedited)
-    text = markdown(table, args)
-    print(text)
+    text = markdown(table, args, {m: [s for s in args.seeds if (m, s) in done] for m in results})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "table": table,
-                                    "runs": results, "unedited": unedited, "markdown": text}, indent=1) + "\n")
-    plot_rounds(results, args.out.with_suffix(".png"), f"{args.benchmark}: mean over seeds {args.seeds}, lr "
-                f"{args.learning_rate}")
+    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "complete": final,
+                                    "table": table, "runs": results, "unedited": unedited, "markdown": text},
+                                   indent=1) + "\n")
+    if final:
+        print(text)
+        plot_rounds(results, args.out.with_suffix(".png"), f"{args.benchmark}: mean over seeds {args.seeds}, lr "
+                    f"{args.learning_rate}")
     return table
 
 
