@@ -243,6 +243,11 @@ def _supervise(child, verdict_fd, nonce):
 
 
 def _main():
+    # SIGINT ends the supervisor (so the run fails) whatever the launching shell left: a background job
+    # inherits SIGINT ignored, and a program that signals its supervisor must not pass in one place and
+    # fail in another.
+    import signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     nonce = os.urandom(16).hex().encode()
     verdict_r, verdict_w = os.pipe()
     _set_dumpable(False)
