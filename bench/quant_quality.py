@@ -11,9 +11,9 @@ CPU, without checkpoints): a Lightning Trainer fits ``CalibrationModule`` for on
 ``CalibrationDataModule`` builds, and ``TaCQCallback``, holding the row's ``QuantSettings``, quantizes, exports
 to a temporary directory, reloads the export and scores it. Rows differ only in their settings and data: task
 mode on the task file's calibration split; ``tacq_general``: general mode, windows of the corpus's ``train``
-part (the first 90 % of its lines) with as many tokens as the task examples hold. Every row, the fp32 one too,
+part (the other 90 % of its lines) with as many tokens as the task examples hold. Every row, the fp32 one too,
 is scored on the task file's evaluation split (accuracy, answer NLL, and preference when its records carry an
-``alternative``) and by perplexity on the corpus's held-out ``test`` part (the last 10 %,
+``alternative``) and by perplexity on the corpus's held-out ``test`` part (every tenth block of its lines,
 ``lit_tacq.calibration``), which no calibration sees. Metrics, bits, seconds and peak memory are the callback's
 report, scored on the reloaded export; the per-fact outcomes behind the paired standard errors of the verdicts
 come from scoring that export's pairs again with the same scorer (``lit_common.scoring``), which must

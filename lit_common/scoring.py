@@ -75,14 +75,6 @@ def outcomes(scores: list[PairScore]) -> tuple[list[bool], float]:
     return [s.correct for s in scores], sum(s.nll for s in scores) / sum(s.tokens for s in scores)
 
 
-def answer_outcomes(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], batch_size: int = 64
-) -> tuple[list[bool], float]:
-    """(exact match of every pair's answer under teacher forcing, mean negative log-likelihood in nats per
-    answer token); per-pair outcomes let two models be compared fact by fact."""
-    return outcomes(pair_scores(model, tokenizer, pairs, batch_size))
-
-
 def preferred(answers: list[PairScore], alternatives: list[PairScore]) -> list[bool]:
     """Per pair, whether the answer's mean-token log-probability exceeds the alternative's (ROME's probability
     comparison of the true and the counterfactual object, per token so length does not decide it)."""
@@ -95,5 +87,5 @@ def answer_accuracy(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], batch_size: int = 64
 ) -> float:
     """Fraction of the pairs whose answer the model knows (module docstring)."""
-    correct, _ = answer_outcomes(model, tokenizer, pairs, batch_size)
+    correct, _ = outcomes(pair_scores(model, tokenizer, pairs, batch_size))
     return sum(correct) / len(pairs)

@@ -35,14 +35,6 @@ class EvaluationData:
                              "or none")
 
 
-def answer_scores(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], batch_size: int = 64
-) -> tuple[float, float]:
-    """(exact-match accuracy, mean negative log-likelihood in nats per answer token) over the pairs."""
-    correct, nll = outcomes(pair_scores(model, tokenizer, pairs, batch_size))
-    return sum(correct) / len(pairs), nll
-
-
 def text_nll(model: nn.Module, windows: list[Tensor], batch_size: int = 8) -> float:
     """Mean next-token negative log-likelihood (nats) over equal-length token windows."""
     total, count = 0.0, 0

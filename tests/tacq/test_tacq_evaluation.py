@@ -9,7 +9,7 @@ from torch import nn
 from lit_common.scoring import PairScore, answer_accuracy, preferred
 from lit_common.sources import load_causal_lm
 from lit_tacq.calibration import read_task_records
-from lit_tacq.evaluation import EvaluationData, answer_scores, evaluate, scored_evaluation, text_nll
+from lit_tacq.evaluation import EvaluationData, evaluate, scored_evaluation, text_nll
 
 
 class Oracle(nn.Module):
@@ -30,7 +30,7 @@ def test_accuracy_is_the_worlds_definition_and_nll_is_per_answer_token(tiny):
     pairs = [(r["prompt"], r["answer"]) for r in read_task_records(tiny.task_qa, "evaluation")]
     blind = [tiny.tokenizer(" " + a, add_special_tokens=False)["input_ids"][-1] for _, a in pairs[:4]]
     oracle = Oracle(len(tiny.tokenizer), blind)
-    accuracy, _ = answer_scores(oracle, tiny.tokenizer, pairs, batch_size=5)
+    accuracy = evaluate(oracle, tiny.tokenizer, EvaluationData(pairs=pairs), batch_size=5)["accuracy"]
     # the oracle gets an answer right exactly when none of its tokens is one it is blind to
     knows = [not set(tiny.tokenizer(" " + a, add_special_tokens=False)["input_ids"]) & set(blind) for _, a in pairs]
     assert 0 < accuracy < 1 and accuracy == sum(knows) / len(pairs)
@@ -43,7 +43,8 @@ def test_accuracy_is_the_worlds_definition_and_nll_is_per_answer_token(tiny):
     with torch.no_grad():
         logprobs = model(input_ids=torch.tensor([prompt_ids + answer_ids])).logits[0].log_softmax(-1)
     expected = -sum(logprobs[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(answer_ids)) / len(answer_ids)
-    assert math.isclose(answer_scores(model, tiny.tokenizer, pairs[:1])[1], expected, rel_tol=1e-5)
+    assert math.isclose(evaluate(model, tiny.tokenizer, EvaluationData(pairs=pairs[:1]))["answer_nll"], expected,
+                        rel_tol=1e-5)
 
 
 def test_text_nll_and_evaluate_keys(tiny):
