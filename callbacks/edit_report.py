@@ -28,20 +28,27 @@ PROTOCOL_NOTES = {
     "final": "mean over rounds r of the score of round r's edits after the last round",
     "forgetting": "mean over r < last of (immediate score of round r - its score after the last round); "
                   "positive = forgotten",
+    "sparse metrics": "a metric whose probes only some rounds' edits have (e.g. one portability sub-kind) is "
+                      "summarised over those rounds only; 'edit_rounds' in the summary lists them per metric",
 }
 
 
 def summarise(history: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Immediate / final scores and forgetting for every metric measured in every round."""
+    """Immediate / final scores and forgetting for every metric, each over the edit rounds whose edits have
+    its probes (``summary["edit_rounds"][name]``): all of them for most metrics, some for a benchmark
+    sub-kind that not every record carries. Forgetting needs one of them before the last round."""
     rounds = sorted(history)
     last = rounds[-1]
-    names = sorted(set.intersection(*(set(history[r]["by_edit_round"][r]) for r in rounds)))
-    summary: dict[str, Any] = {"after_last_round": history[last]["all"], "immediate": {}, "final": {}, "forgetting": {}}
+    names = sorted(set().union(*(history[r]["by_edit_round"][r] for r in rounds)))
+    summary: dict[str, Any] = {"after_last_round": history[last]["all"], "immediate": {}, "final": {},
+                               "forgetting": {}, "edit_rounds": {}}
     for name in names:
-        table = {k: {r: history[k]["by_edit_round"][r][name] for r in history[k]["by_edit_round"]} for k in rounds}
-        summary["immediate"][name] = sum(table[r][r] for r in rounds) / len(rounds)
-        summary["final"][name] = sum(table[last][r] for r in rounds) / len(rounds)
-        if len(rounds) > 1:
+        measured = [r for r in rounds if name in history[r]["by_edit_round"][r]]
+        table = {k: {r: history[k]["by_edit_round"][r][name] for r in measured if r <= k} for k in {*measured, last}}
+        summary["edit_rounds"][name] = measured
+        summary["immediate"][name] = sum(table[r][r] for r in measured) / len(measured)
+        summary["final"][name] = sum(table[last][r] for r in measured) / len(measured)
+        if any(r < last for r in measured):
             summary["forgetting"][name] = forgetting(table)
     return summary
 

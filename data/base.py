@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from pathlib import Path
 from typing import Any, Callable
 
 import lightning.pytorch as L
@@ -37,7 +38,7 @@ from data.tokenization import (
     encode_probe,
     encode_request,
 )
-from lit_common.sources import is_local, load_tokenizer, resolve
+from lit_common.sources import load_tokenizer, locate
 from lit_common.tokenization import AnswerTokenizer, pad_token_id
 
 
@@ -52,7 +53,7 @@ class EditDataModule(L.LightningDataModule):
     """Serves one round of edits for training and all rounds so far for evaluation.
 
     Args:
-        source: a local ``.json``/``.jsonl`` file, a hub dataset id, or a ``world:`` alias.
+        source: a local ``.json``/``.jsonl`` file, a hub dataset id (``org/name``), or a ``world:`` alias.
         tokenizer: tokenizer path or hub id (the CLI links it to the model's).
         num_updates: number of sequential rounds.
         edits_per_update: edits per round; ``None`` splits all records evenly.
@@ -119,9 +120,10 @@ class EditDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def read_rows(self) -> tuple[list[dict[str, Any]], str]:
-        """Rows from a local file, or from the hub when ``source`` is not a local path."""
-        if is_local(self.source):
-            path = resolve(self.source)
+        """Rows from a local file, or from the hub when ``source`` is not on disk and has a hub id's shape
+        (a mistyped path fails at once: :func:`lit_common.sources.locate`)."""
+        path = locate(self.source)
+        if Path(path).exists():
             return read_records(path), path
         from datasets import load_dataset
 

@@ -3,7 +3,8 @@ line, the repo's ``arena.jsonl``) and hub rows (one program-synthesis example pe
 ``update``; ``leo-liuzy/CodeUpdateArena``), which are grouped back by ``update.update_id``.
 
 One edit = one API update. Its first ``train_examples`` program-synthesis examples are the training
-requests (prompt = problem + solution signature, new answer = the reference solution's body); the rest
+requests (prompt = problem + what precedes the reference solution's function, its imports, and its
+``def`` header; new answer = the function's body, see :func:`split_solution`); the rest
 are ``program`` probes, scored by Pass@k of generated bodies against their unit tests with the updated
 function patched in. The answer a request replaces comes from the example's ``old_solution`` when the
 file has it (the embedded world writes it; the real files do not, and such requests train without the
@@ -13,8 +14,11 @@ margin term).
 from __future__ import annotations
 
 import ast
+import io
 import re
+import tokenize
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from data.base import EditDataModule
@@ -28,12 +32,70 @@ from data.formats import (
 )
 
 
+@dataclass(frozen=True)
+class SolutionParts:
+    """A reference solution cut where a model takes over: ``prelude`` (what precedes the function, e.g.
+    ``from typing import List``; shown in the prompt and run before the function), ``header`` (the ``def``
+    line as the solution writes it) and ``body`` (what a model must generate).
+    ``prelude + join_solution(header, body)`` is the reference solution again."""
+
+    prelude: str
+    header: str
+    body: str
+
+
+def signature_name(signature: str) -> str:
+    """The function a signature names: its first identifier followed by ``(`` (the real files also write
+    ``function f(x)``, ``f(x, /) -> T`` or a ``def`` without its colon)."""
+    match = re.search(r"([A-Za-z_]\w*)\s*\(", signature)
+    if match is None:
+        raise ValueError(f"no function name followed by '(' in {signature!r}")
+    return match[1]
+
+
+def _header_end(source: str, start: int) -> int:
+    """Offset just after the colon that ends the ``def`` header starting at ``start`` (the first ``:``
+    outside brackets: annotations, defaults and lambdas keep theirs inside)."""
+    depth, line_starts = 0, [0] + [match.end() for match in re.finditer("\n", source[start:])]
+    for token in tokenize.generate_tokens(io.StringIO(source[start:]).readline):
+        if token.type != tokenize.OP:
+            continue
+        if token.string in ("(", "[", "{"):
+            depth += 1
+        elif token.string in (")", "]", "}"):
+            depth -= 1
+        elif token.string == ":" and depth == 0:
+            row, col = token.end
+            return start + line_starts[row - 1] + col
+    raise ValueError("the function header has no closing ':'")
+
+
+def split_solution(solution: str, signature: str) -> SolutionParts:
+    """Cut ``solution`` at the top-level function that ``signature`` names, found by name in the parsed
+    source (the real files' signatures often differ from the solution's own header: another annotation,
+    an extra default, ``function`` for ``def``). ValueError when the solution does not define it.
+
+    A body on the header's line (``def f(x): return x``) is stripped; an indented block keeps its leading
+    newline and indentation. Whatever follows the function (helpers) belongs to the body."""
+    name = signature_name(signature)
+    solution = solution.replace("\r\n", "\n").replace("\r", "\n")  # lines as ast and tokenize count them
+    tree = ast.parse(solution)
+    node = next((n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name),
+                None)
+    if node is None:
+        defined = _top_level_functions(solution)
+        raise ValueError(f"no top-level function {name!r} (named by the signature) among {defined}")
+    line_offsets = [0] + [match.end() for match in re.finditer("\n", solution)]
+    start = line_offsets[min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1]
+    end = _header_end(solution, line_offsets[node.lineno - 1])
+    rest = solution[end:].rstrip()
+    one_line = node.body[0].lineno == solution[:end].count("\n") + 1
+    return SolutionParts(solution[:start], solution[start:end], rest.strip() if one_line else rest)
+
+
 def solution_body(solution: str, signature: str) -> str:
-    """What follows the signature in a reference solution (the part a model must generate): an indented
-    block keeps its leading newline and indentation, a one-line body is stripped."""
-    position = solution.find(signature)
-    body = solution[position + len(signature):] if position >= 0 else solution
-    return body.rstrip() if body.lstrip(" \t").startswith("\n") else body.strip()
+    """What follows the header of the function ``signature`` names (the part a model must generate)."""
+    return split_solution(solution, signature).body
 
 
 def join_solution(signature: str, body: str) -> str:
@@ -109,23 +171,41 @@ def _parse_update(reader: RecordReader) -> dict[str, str]:
     return parsed
 
 
+def _solution(reader: RecordReader, field_path: str, signature: str) -> SolutionParts:
+    source = _python(reader, field_path, reader.string(field_path))
+    try:
+        return split_solution(source, signature)
+    except ValueError as err:
+        raise reader.error(field_path, f"a solution defining the function of solution_signature {signature!r} "
+                           f"({err})", source) from None
+
+
 def _parse_example(reader: RecordReader, update: dict[str, str]) -> tuple[EditRequest, Probe]:
+    """Prompt = problem + the reference's prelude and header; target = its body. The check program runs
+    the update's imports and then the example's (``prog_syn_imports``; in the real files the same text,
+    run once) before the update is installed, so ``old_<name> = <path>`` binds the old function."""
     problem, signature = reader.string("problem"), reader.string("solution_signature")
-    body = solution_body(reader.string("ref_solution"), signature)
-    old = solution_body(reader.string("old_solution"), signature) if reader.has("old_solution") else None
+    try:
+        signature_name(signature)
+    except ValueError:
+        raise reader.error("solution_signature", "a function signature such as 'def f(x):'", signature) from None
+    reference = _solution(reader, "ref_solution", signature)
+    old = _solution(reader, "old_solution", signature).body if reader.has("old_solution") else None
     imports_field = "prog_syn_imports" if reader.has("prog_syn_imports") else "imports"
+    example_imports = (_python(reader, imports_field, reader.string(imports_field, allow_empty=True))
+                       if reader.has(imports_field) else "")
     program = ProgramTest(
-        imports=update["imports"],
+        imports="\n".join(dict.fromkeys(text for text in (update["imports"], example_imports) if text.strip())),
         implementation=update["implementation"],
         function_path=update["function_path"],
-        solution_imports=(_python(reader, imports_field, reader.string(imports_field, allow_empty=True))
-                          if reader.has(imports_field) else ""),
-        solution_signature=signature,
+        solution_imports=reference.prelude,
+        solution_signature=reference.header,
         unit_tests=_unit_tests(reader, "unit_tests"),
         update_type=update["update_type"],
     )
-    prompt = f"{problem}\n{signature}"
-    return EditRequest(prompt, body, old), Probe("program", prompt, body, old, program)
+    prompt = f"{problem}\n{reference.prelude}{reference.header}"
+    return (EditRequest(prompt, reference.body, old),
+            Probe("program", prompt, reference.body, old, program))
 
 
 def _record(update: dict[str, str], examples: list[tuple[EditRequest, Probe]], train_examples: int) -> EditRecord:
@@ -172,9 +252,13 @@ class CodeUpdateDataModule(EditDataModule):
 
     hub_split = "test"
 
-    def __init__(self, *args: Any, train_examples: int = 2, append_eos: bool = True, **kwargs: Any) -> None:
-        # generated programs are executed, so an edited model must learn to stop after the solution
-        super().__init__(*args, append_eos=append_eos, **kwargs)
+    def __init__(self, *args: Any, train_examples: int = 2, append_eos: bool = True, max_length: int = 1024,
+                 **kwargs: Any) -> None:
+        # generated programs are executed, so an edited model must learn to stop after the solution.
+        # max_length: prompts are never cut (an example that does not fit is an error naming it); real
+        # examples run to 833 tokens (SmolLM2's tokenizer, the first 70 updates of arena.jsonl; 132 of
+        # their 289 exceed the other benchmarks' 256).
+        super().__init__(*args, append_eos=append_eos, max_length=max_length, **kwargs)
         self.train_examples = train_examples
 
     def parse_rows(self, rows: list[dict[str, Any]], source: str) -> list[EditRecord]:

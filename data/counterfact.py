@@ -5,7 +5,8 @@ Scoring follows ROME: efficacy on the rewrite prompt and paraphrase prompts comp
 the true one; neighbourhood prompts (other subjects whose true answer is ``target_true``) must keep
 preferring the true answer. EasyEdit's flat files carry one rephrase and one locality prompt instead;
 their "rephrase" often comes from ROME's generation prompts, so scores from the two layouts are not the
-same measurement (the record id says which layout it came from).
+same measurement (the record id says which layout it came from). Either layout may carry EasyEdit's
+``portability`` field (its CounterFact portability release), read as portability probes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 from data.base import EditDataModule
-from data.formats import EditRecord, EditRequest, Probe, RecordError, RecordReader
+from data.formats import (
+    EditRecord,
+    EditRequest,
+    Probe,
+    RecordError,
+    RecordReader,
+    portability_probes,
+)
 
 
 def parse_rome_record(reader: RecordReader) -> EditRecord:
@@ -35,6 +43,7 @@ def parse_rome_record(reader: RecordReader) -> EditRecord:
             Probe("efficacy", prompt, new, true),
             *(Probe("paraphrase", p, new, true) for p in paraphrases),
             *(Probe("neighborhood", p, true, new) for p in neighbours),
+            *portability_probes(reader),
         ),
     )
 
@@ -45,6 +54,7 @@ def parse_easyedit_record(reader: RecordReader) -> EditRecord:
     probes = [Probe("efficacy", prompt, new, true), Probe("paraphrase", reader.string("rephrase_prompt"), new, true)]
     if reader.has("locality_prompt"):
         probes.append(Probe("neighborhood", reader.string("locality_prompt"), reader.string("locality_ground_truth"), new))
+    probes += portability_probes(reader)
     return EditRecord(f"counterfact-easyedit:{reader.record.get('case_id', reader.index)}", subject,
                       (EditRequest(prompt, new, true),), tuple(probes))
 

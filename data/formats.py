@@ -38,6 +38,8 @@ def _preview(value: Any, limit: int = 60) -> str:
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSON list (``.json``) or JSON lines (``.jsonl``) file of objects."""
     path = Path(path)
+    if path.is_dir():
+        raise DataFormatError(f"{path}: is a directory; expected a .json or .jsonl file of records")
     if not path.is_file():
         raise DataFormatError(f"{path}: no such file")
     raw = path.read_bytes()
@@ -126,6 +128,20 @@ class RecordReader:
                 raise self.error(f"{field_path}[{i}]", "an object", item)
         return value
 
+    def obj(self, field_path: str, expected: str = "an object") -> dict[str, Any]:
+        return self.get(field_path, lambda v: isinstance(v, dict), expected)
+
+    def answer(self, field_path: str) -> str:
+        """An answer given as a string or as a list of aliases, possibly nested one level as KnowEdit writes
+        them (``"genus"``, ``["genus"]``, ``[["genus", "genera"]]``): the first alias is the one scored."""
+        value = self._lookup(field_path)
+        first = value
+        for _ in range(2):
+            first = first[0] if isinstance(first, list) and first else first
+        if not isinstance(first, str) or not first.strip():
+            raise self.error(field_path, "a non-empty string or a list of them (aliases; the first is scored)", value)
+        return first
+
     def child(self, value: dict[str, Any], field_path: str) -> "RecordReader":
         """A reader for a nested object (e.g. one list item) whose errors still name the full path."""
         return RecordReader(self.source, self.index, value, f"{self.prefix}{field_path}.")
@@ -133,7 +149,15 @@ class RecordReader:
 
 # ---- the normalised records every benchmark turns into -------------------------------------------------
 
-PROBE_KINDS = ("efficacy", "paraphrase", "neighborhood", "locality", "program")
+PROBE_KINDS = ("efficacy", "paraphrase", "neighborhood", "locality", "portability", "program")
+
+# KnowEdit's sub-kinds as its files spell them, and the probe group each becomes (its own metrics)
+PORTABILITY_GROUPS = {"Reasoning": "reasoning", "Subject_Aliasing": "subject_aliasing",
+                      "Logical_Generalization": "logical_generalization"}
+LOCALITY_GROUPS = {"Relation_Specificity": "relation_specificity", "Forgetfulness": "forgetfulness"}
+ONE_HOP = "one_hop"  # EasyEdit's own portability field ({"New Question", "New Answer"}), named as EasyEdit does
+# the groups a probe of each kind may carry ("" = none): portability probes always name theirs
+PROBE_GROUPS = {"portability": (*PORTABILITY_GROUPS.values(), ONE_HOP), "locality": ("", *LOCALITY_GROUPS.values())}
 
 
 @dataclass(frozen=True)
@@ -153,17 +177,51 @@ class ProgramTest:
 class Probe:
     """One evaluation question: after the edit, ``target`` should be the answer (and be preferred over
     ``contrast`` when there is one). Efficacy and paraphrase probes target the new answer, neighbourhood
-    probes keep the old one, locality probes keep whatever the model answered before."""
+    probes keep the old one, locality probes keep whatever the model answered before, portability probes
+    ask a question whose answer follows from the edit (``target`` is that answer, once the edit holds).
+    ``group`` is the benchmark's sub-kind (:data:`PROBE_GROUPS`), scored on its own as well."""
 
     kind: str
     prompt: str
     target: str
     contrast: str | None = None
     program: ProgramTest | None = None
+    group: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in PROBE_KINDS:
             raise ValueError(f"unknown probe kind {self.kind!r}; known: {PROBE_KINDS}")
+        groups = PROBE_GROUPS.get(self.kind, ("",))
+        if self.group not in groups:
+            raise ValueError(f"probe kind {self.kind!r} has groups {groups}, not {self.group!r}")
+
+
+def grouped_probes(reader: RecordReader, field_path: str, kind: str, groups: dict[str, str]) -> list[Probe]:
+    """KnowEdit's ``{sub-kind: [{prompt, ground_truth}, ...]}`` objects (its ``locality`` and ``portability``),
+    one probe per item, grouped by sub-kind; an unknown sub-kind is an error rather than silently unscored."""
+    shape = f"an object {{{' | '.join(groups)}: [{{prompt, ground_truth}}, ...]}}"
+    probes = []
+    for name in reader.obj(field_path, shape):
+        if name not in groups:
+            raise reader.error(field_path, f"KnowEdit's {kind} sub-kinds as keys ({', '.join(groups)})", name)
+        for i, item in enumerate(reader.objects(f"{field_path}.{name}", allow_empty_list=True)):
+            entry = reader.child(item, f"{field_path}.{name}[{i}]")
+            probes.append(Probe(kind, entry.string("prompt"), entry.answer("ground_truth"), group=groups[name]))
+    return probes
+
+
+def portability_probes(reader: RecordReader) -> list[Probe]:
+    """A record's ``portability`` field, in either shape it comes in: EasyEdit's ``{"New Question", "New
+    Answer"}`` (its ZsRE and CounterFact portability files; group ``one_hop``) or KnowEdit's
+    ``{Reasoning | Subject_Aliasing | Logical_Generalization: [{prompt, ground_truth}]}``; none without one."""
+    if not reader.has("portability"):
+        return []
+    field_value = reader.obj("portability", "an object: EasyEdit's {New Question, New Answer} or KnowEdit's "
+                                            f"{{{' | '.join(PORTABILITY_GROUPS)}: [...]}}")
+    if "New Question" in field_value or "New Answer" in field_value:
+        return [Probe("portability", reader.string("portability.New Question"), reader.answer("portability.New Answer"),
+                      group=ONE_HOP)]
+    return grouped_probes(reader, "portability", "portability", PORTABILITY_GROUPS)
 
 
 @dataclass(frozen=True)

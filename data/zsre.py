@@ -1,6 +1,7 @@
-"""ZsRE: MEND/ROME/EasyEdit files (``src``/``alt``/``answers``/``rephrase``/``loc``/``loc_ans``), the hub's
-KILT-style rows (``wangzn2001/zsre``: ``input``/``output``/``alternatives``/``rephrases``) and KnowEdit's
-records (``prompt``/``target_new``/``ground_truth``/``rephrase_prompt``/``locality``).
+"""ZsRE: MEND/ROME/EasyEdit files (``src``/``alt``/``answers``/``rephrase``/``loc``/``loc_ans``, and EasyEdit's
+``portability``), the hub's KILT-style rows (``wangzn2001/zsre``: ``input``/``output``/``alternatives``/
+``rephrases``) and KnowEdit's records (``prompt``/``target_new``/``ground_truth``/``rephrase_prompt``/
+``locality``/``portability``).
 
 The edit target is a choice (``edit_target``): ``"alt"`` edits toward the counterfactual alternative and
 skips records whose ``alt`` is empty (what editors that train toward ``alt`` do), ``"answers"`` edits
@@ -10,16 +11,32 @@ replaced, when it differs).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from data.base import EditDataModule
-from data.formats import EditRecord, EditRequest, Probe, RecordError, RecordReader
+from data.formats import (
+    LOCALITY_GROUPS,
+    EditRecord,
+    EditRequest,
+    Probe,
+    RecordError,
+    RecordReader,
+    grouped_probes,
+    portability_probes,
+)
 
 EditTarget = Literal["alt", "answers"]
+EDIT_TARGETS: tuple[str, ...] = get_args(EditTarget)
+
+
+def check_edit_target(edit_target: Any) -> None:
+    if edit_target not in EDIT_TARGETS:
+        raise ValueError(f"data edit_target must be one of {EDIT_TARGETS} (edit toward alt, or toward answers[0]), "
+                         f"got {edit_target!r}")
 
 
 def _record(record_id: str, subject: str, prompt: str, new: str, old: str | None, rephrases: list[str],
-            locality: list[tuple[str, str]]) -> EditRecord:
+            other_probes: list[Probe]) -> EditRecord:
     return EditRecord(
         record_id=record_id,
         subject=subject,
@@ -27,7 +44,7 @@ def _record(record_id: str, subject: str, prompt: str, new: str, old: str | None
         probes=(
             Probe("efficacy", prompt, new, old),
             *(Probe("paraphrase", p, new, old) for p in rephrases),
-            *(Probe("locality", p, answer) for p, answer in locality),
+            *other_probes,
         ),
     )
 
@@ -43,8 +60,9 @@ def parse_mend_record(reader: RecordReader, edit_target: EditTarget) -> EditReco
         pred = reader.string("pred", allow_empty=True) if reader.has("pred") else ""
         new, old = answers[0], (pred if pred.strip() and pred != answers[0] else None)
     subject = reader.string("subject") if reader.has("subject") else src
-    locality = [(reader.string("loc"), reader.string("loc_ans"))] if reader.has("loc") else []
-    return _record(f"zsre:{reader.index}", subject, src, new, old, [reader.string("rephrase")], locality)
+    locality = [Probe("locality", reader.string("loc"), reader.string("loc_ans"))] if reader.has("loc") else []
+    return _record(f"zsre:{reader.index}", subject, src, new, old, [reader.string("rephrase")],
+                   locality + portability_probes(reader))
 
 
 def parse_kilt_record(reader: RecordReader) -> EditRecord | None:
@@ -60,24 +78,16 @@ def parse_kilt_record(reader: RecordReader) -> EditRecord | None:
 
 
 def parse_knowedit_record(reader: RecordReader) -> EditRecord:
-    prompt, new = reader.string("prompt"), reader.string("target_new")
-    truth = reader.record.get("ground_truth")
-    old = truth[0] if isinstance(truth, list) and truth else truth if isinstance(truth, str) else None
-    locality = []
-    groups = reader.record.get("locality") or {}
-    for name, items in groups.items():
-        for i, item in enumerate(reader.objects(f"locality.{name}", allow_empty_list=True)):
-            loc = reader.child(item, f"locality.{name}[{i}]")
-            answer = item.get("ground_truth")
-            answer = answer[0] if isinstance(answer, list) and answer else answer
-            if not isinstance(answer, str) or not answer.strip():
-                raise loc.error("ground_truth", "a non-empty string or list of strings", answer)
-            locality.append((loc.string("prompt"), answer))
+    """KnowEdit: ``ground_truth`` (the answer replaced, a string or a list of aliases) is required, since
+    without it the edit has nothing to be preferred over; ``locality`` and ``portability`` are optional."""
+    prompt, new, old = reader.string("prompt"), reader.string("target_new"), reader.answer("ground_truth")
+    locality = grouped_probes(reader, "locality", "locality", LOCALITY_GROUPS) if reader.has("locality") else []
     return _record(f"zsre-knowedit:{reader.index}", reader.string("subject"), prompt, new, old,
-                   [reader.string("rephrase_prompt")], locality)
+                   [reader.string("rephrase_prompt")], locality + portability_probes(reader))
 
 
 def parse_zsre_rows(rows: list[dict[str, Any]], source: str, edit_target: EditTarget = "alt") -> list[EditRecord]:
+    check_edit_target(edit_target)
     records = []
     for index, row in enumerate(rows):
         reader = RecordReader(source, index, row)
@@ -101,6 +111,7 @@ class ZsREDataModule(EditDataModule):
     hub_split = "train"
 
     def __init__(self, *args: Any, edit_target: EditTarget = "alt", **kwargs: Any) -> None:
+        check_edit_target(edit_target)
         super().__init__(*args, **kwargs)
         self.edit_target = edit_target
 

@@ -17,8 +17,7 @@ from peft import PeftModel
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from data.code_update import join_solution
-from data.formats import PROBE_KINDS, Probe, ProgramTest
+from data.formats import PROBE_GROUPS, PROBE_KINDS, Probe, ProgramTest
 from lit_common.tokenization import IGNORE_INDEX, pad_token_id
 from lit_corsa.losses import sequence_logprobs, token_counts
 from lit_corsa.metrics import (
@@ -27,9 +26,14 @@ from lit_corsa.metrics import (
     ProbabilityComparison,
     TokenAccuracy,
 )
-from lit_corsa.sandbox import build_program, run_python
+from lit_corsa.sandbox import DEFAULT_MEMORY_MB, run_solution
 from lit_corsa.seeding import seeded
 from lit_corsa.settings import EvaluationSettings
+
+# every benchmark sub-kind's own metric (e.g. portability_reasoning_token_acc): its kind's token accuracy
+# over its probes only
+GROUP_METRICS = {(kind, group): f"{kind}_{group}_token_acc"
+                 for kind, groups in PROBE_GROUPS.items() for group in groups if group}
 
 PROTOCOLS = {
     "ES": "efficacy: fraction of edit prompts with mean-token log p(new) > log p(old) (ROME), teacher-forced",
@@ -42,9 +46,18 @@ PROTOCOLS = {
     "reliability_gen": "greedy generation from the edit prompt contains the new answer (case- and "
                        "whitespace-insensitive)",
     "generality_gen": "greedy generation from a paraphrase contains the new answer (case- and whitespace-insensitive)",
+    "portability_token_acc": "EasyEdit portability: teacher-forced token accuracy of the answer a question has once "
+                             "the edit holds (KnowEdit's Reasoning / Subject_Aliasing / Logical_Generalization, "
+                             "EasyEdit's New Question / New Answer), all sub-kinds together",
+    "portability_gen": "greedy generation from a portability question contains its answer (case- and "
+                       "whitespace-insensitive)",
     "pass@k": "unbiased pass@k of sampled solutions to held-out problems, run in a sandbox against unit tests "
-              "with the API update patched in",
+              "with the API update patched in; each sample may take code_max_new_tokens, or by default twice "
+              "the longest reference body of its batch",
+    **{name: f"{kind}_token_acc over the {group} probes only (a {kind} sub-kind of KnowEdit or EasyEdit)"
+       for (kind, group), name in GROUP_METRICS.items()},
 }
+
 
 # which metrics each probe kind feeds; comparisons only where the probe has a contrast answer
 _BY_KIND = {
@@ -52,6 +65,7 @@ _BY_KIND = {
     "paraphrase": ("PS", "generality_token_acc", "generality_gen"),
     "neighborhood": ("NS", "locality_token_acc"),
     "locality": ("locality_token_acc",),
+    "portability": ("portability_token_acc", "portability_gen"),
     "program": ("pass@k",),
 }
 _COMPARISONS = {"ES", "PS", "NS"}
@@ -61,6 +75,8 @@ def metric_names(probes: Iterable[Probe], generation: bool) -> set[str]:
     """The metrics a set of probes can be scored on (the same on every rank, since data is global)."""
     names = set()
     for probe in probes:
+        if probe.group:
+            names.add(GROUP_METRICS[probe.kind, probe.group])
         for name in _BY_KIND[probe.kind]:
             if name in _COMPARISONS and probe.contrast is None:
                 continue
@@ -70,12 +86,11 @@ def metric_names(probes: Iterable[Probe], generation: bool) -> set[str]:
     return names
 
 
-def solution_passes(test: ProgramTest, body: str, timeout_s: float = 10.0) -> bool:
-    """Run a generated solution body against its unit tests, with the API update patched in, in the sandbox."""
-    solution = f"{test.solution_imports}\n{join_solution(test.solution_signature, body)}\n"
-    program = build_program(test.imports, test.implementation, test.function_path, solution, test.unit_tests,
-                            update_type=test.update_type)
-    return run_python(program, timeout_s=timeout_s).passed
+def solution_passes(test: ProgramTest, body: str, timeout_s: float = 10.0,
+                    memory_mb: int = DEFAULT_MEMORY_MB) -> bool:
+    """Run a generated solution body against its unit tests, with the API update patched in, in the sandbox
+    (``bench/code_harness.py`` runs every reference solution through :func:`run_solution` to check this)."""
+    return run_solution(test, body, timeout_s, memory_mb).passed
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,7 @@ class ProbeEvaluator(nn.Module):
         self.pass_k, self.code_samples, self.code_temperature = settings.pass_k, settings.code_samples, settings.code_temperature
         self.max_new_tokens, self.code_max_new_tokens = settings.max_new_tokens, settings.code_max_new_tokens
         self.sandbox_timeout_s, self.generation, self.lockstep = settings.sandbox_timeout_s, settings.generation, lockstep
+        self.sandbox_memory_mb = settings.sandbox_memory_mb
         self.scopes = ["all"] + [f"round_{r}" for r in range(num_rounds)]
         self.metrics = nn.ModuleDict({scope: self._metric_set() for scope in self.scopes})
 
@@ -110,7 +126,9 @@ class ProbeEvaluator(nn.Module):
             "ES": ProbabilityComparison(), "PS": ProbabilityComparison(), "NS": ProbabilityComparison(),
             "reliability_token_acc": TokenAccuracy(), "generality_token_acc": TokenAccuracy(),
             "locality_token_acc": TokenAccuracy(), "reliability_gen": GenerationMatch(),
-            "generality_gen": GenerationMatch(), "pass@k": PassAtK(self.pass_k),
+            "generality_gen": GenerationMatch(), "portability_token_acc": TokenAccuracy(),
+            "portability_gen": GenerationMatch(), "pass@k": PassAtK(self.pass_k),
+            **{name: TokenAccuracy() for name in GROUP_METRICS.values()},
         })
 
     def reset(self) -> None:
@@ -165,6 +183,13 @@ class ProbeEvaluator(nn.Module):
         target_logits = logits[:rows]
         self._update("reliability_token_acc", is_kind["efficacy"], edit_round, target_logits, target["labels"])
         self._update("generality_token_acc", is_kind["paraphrase"], edit_round, target_logits, target["labels"])
+        self._update("portability_token_acc", is_kind["portability"], edit_round, target_logits, target["labels"])
+        groups = [probe.group for probe in batch["probes"]]
+        in_group = {key: is_kind[key[0]] & torch.tensor([g == key[1] for g in groups], device=kinds.device)
+                    for key in GROUP_METRICS}
+        for (kind, group), name in GROUP_METRICS.items():
+            if kind == "portability":
+                self._update(name, in_group[kind, group], edit_round, target_logits, target["labels"])
         keep_rows = is_kind["neighborhood"] | is_kind["locality"]
         if self._rows_to_run(keep_rows) is not None:
             with model.disable_adapter():
@@ -174,6 +199,9 @@ class ProbeEvaluator(nn.Module):
             answer = target["labels"][:, 1:] != IGNORE_INDEX
             unchanged[:, 1:][answer] = before[:, :-1].argmax(-1)[answer]
             self._update("locality_token_acc", keep_rows, edit_round, target_logits, unchanged)
+            for (kind, group), name in GROUP_METRICS.items():
+                if kind == "locality":
+                    self._update(name, in_group[kind, group], edit_round, target_logits, unchanged)
         if self.generation:
             self._score_generations(model, batch, tokenizer, is_kind, edit_round)
         self._score_programs(model, batch, tokenizer, is_kind["program"], edit_round, seed)
@@ -189,7 +217,7 @@ class ProbeEvaluator(nn.Module):
 
     def _score_generations(self, model: PeftModel, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
                            is_kind: dict[str, Tensor], edit_round: Tensor) -> None:
-        index = self._rows_to_run(is_kind["efficacy"] | is_kind["paraphrase"])
+        index = self._rows_to_run(is_kind["efficacy"] | is_kind["paraphrase"] | is_kind["portability"])
         if index is None:
             return
         prompt = {k: v[index] for k, v in batch["prompt"].items()}
@@ -202,6 +230,19 @@ class ProbeEvaluator(nn.Module):
         answers = ["".join(p.target.split()) for p in batch["probes"]]
         self._update("reliability_gen", is_kind["efficacy"], edit_round, generations, answers)
         self._update("generality_gen", is_kind["paraphrase"], edit_round, generations, answers)
+        self._update("portability_gen", is_kind["portability"], edit_round, generations, answers)
+
+    def _code_budget(self, batch: dict[str, Any], index: Tensor) -> int:
+        """New tokens a sampled solution may take: ``code_max_new_tokens``, else twice the longest reference
+        body (answer tokens, with its EOS) among the rows generated for, the same on every rank. Real
+        solution bodies run to hundreds of tokens: a fixed short budget would fail them all unfinished."""
+        if self.code_max_new_tokens is not None:
+            return self.code_max_new_tokens
+        lengths = (batch["target"]["labels"][index] != IGNORE_INDEX).sum(1)
+        budget = 2 * lengths.max().reshape(1)
+        if self.lockstep and dist.is_initialized():
+            dist.all_reduce(budget, op=dist.ReduceOp.MAX)
+        return int(budget)
 
     def _score_programs(self, model: PeftModel, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
                         is_program: Tensor, edit_round: Tensor, seed: int) -> None:
@@ -210,7 +251,7 @@ class ProbeEvaluator(nn.Module):
             return
         prompt = {k: v[index] for k, v in batch["prompt"].items()}
         with seeded(seed, prompt["input_ids"].device):
-            bodies = self._generate(model, prompt, tokenizer, self.code_max_new_tokens, self.code_samples,
+            bodies = self._generate(model, prompt, tokenizer, self._code_budget(batch, index), self.code_samples,
                                     self.code_temperature)
         correct = torch.zeros(len(batch["probes"]), dtype=torch.long)
         for position, row in enumerate(index.tolist()):
@@ -218,7 +259,7 @@ class ProbeEvaluator(nn.Module):
                 continue
             test = batch["probes"][row].program
             for body in bodies[position * self.code_samples : (position + 1) * self.code_samples]:
-                correct[row] += solution_passes(test, body, self.sandbox_timeout_s)
+                correct[row] += solution_passes(test, body, self.sandbox_timeout_s, self.sandbox_memory_mb)
         samples = torch.full_like(correct, self.code_samples)
         self._update("pass@k", is_program.cpu(), edit_round.cpu(), samples, correct)
 

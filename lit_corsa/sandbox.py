@@ -63,6 +63,9 @@ is only a patch of Python's ``socket`` module, which ``ctypes`` or a subprocess 
 Resource limits (both modes), set in the child by the bootstrap rather than through ``preexec_fn``,
 which is unsafe when the caller has threads (a trainer does): address space (``memory_mb``), CPU
 seconds, no core dumps, output/file size (``max_output_mb``), processes; plus a wall-clock timeout.
+The address-space default (:data:`DEFAULT_MEMORY_MB`) is sized for the real benchmark's programs:
+``import torch`` alone maps about 1 GB (it fails under 512 MB), and CodeUpdateArena's own harness sets
+no memory limit at all.
 """
 
 from __future__ import annotations
@@ -84,9 +87,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from data.code_update import replacing_function, test_function_names
+from data.code_update import join_solution, replacing_function, test_function_names
+from data.formats import ProgramTest
 
 UNSAFE_ENV_VAR = "LIT_EDITQ_UNSAFE_SANDBOX"
+DEFAULT_MEMORY_MB = 4096  # address space: room for ``import torch`` (~1 GB mapped) and the tensors a test makes
 NOBODY = 65534  # the kernel's overflow uid/gid, "nobody"/"nogroup" on Debian-like systems
 
 # Stage 1, privileged, PID 1 of the new PID namespace, before any program code runs: build the file
@@ -509,7 +514,7 @@ def _warn_unisolated() -> None:
 def run_python(
     code: str,
     timeout_s: float = 10,
-    memory_mb: int = 512,
+    memory_mb: int = DEFAULT_MEMORY_MB,
     *,
     max_processes: int = 32,
     max_output_mb: int = 16,
@@ -603,10 +608,12 @@ def build_program(
 
     Order (as CodeUpdateArena's checker): ``imports``; the updated ``implementation``; the patch that
     installs it at ``function_path`` (``"math.floor"`` → ``setattr(math, "floor", floor)``); the
-    solution; the unit tests; then every ``test*`` function is called in order and the program exits
-    with status 1 at the first failure (by ``raise SystemExit``, not ``sys.exit``, which a solution may
-    have replaced). The patch precedes the solution so ``from math import floor`` inside it sees the
-    update.
+    solution (with its own imports); the unit tests; then every ``test*`` function is called in order
+    and the program exits with status 1 at the first failure (by ``raise SystemExit``, not ``sys.exit``,
+    which a solution may have replaced). Each part runs once: ``imports`` (the dataset's
+    ``prog_syn_imports``) hold ``old_floor = math.floor``, which must bind the original function; run
+    again after the patch, it would alias the update and make it call itself. The patch precedes the
+    solution so ``from math import floor`` inside it sees the update.
 
     If the implementation defines no function named like the path's last part, its single function
     is installed under its own name beside the old one (a new or renamed API); with
@@ -639,3 +646,13 @@ def build_program(
         ("run the tests", _RUN_TESTS.format(names=test_names, count=len(test_names))),
     ]
     return "\n\n".join(f"# ---- {title} ----\n{body.strip()}\n" for title, body in sections)
+
+
+def run_solution(test: ProgramTest, body: str, timeout_s: float = 10.0,
+                 memory_mb: int = DEFAULT_MEMORY_MB) -> SandboxResult:
+    """Run a solution body (generated, or a reference's) against its unit tests with the API update patched
+    in: the solution is its prelude (the reference's own imports), its header and ``body``."""
+    solution = f"{test.solution_imports}\n{join_solution(test.solution_signature, body)}\n"
+    program = build_program(test.imports, test.implementation, test.function_path, solution, test.unit_tests,
+                            update_type=test.update_type)
+    return run_python(program, timeout_s=timeout_s, memory_mb=memory_mb)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from lit_corsa.sandbox import DEFAULT_MEMORY_MB
+
 Projection = Literal["sequential", "symmetric", "none"]
 
 
@@ -99,7 +101,8 @@ class EvaluationSettings:
     """How each round is scored; the only settings a resumed run may change.
 
     generation: also score greedy-generation reliability/generality (slower). pass_k / code_samples /
-    code_temperature / code_max_new_tokens / sandbox_timeout_s: Pass@k of sampled code solutions.
+    code_temperature / code_max_new_tokens / sandbox_timeout_s / sandbox_memory_mb: Pass@k of sampled code
+    solutions (the sandbox's wall-clock and address-space limits per program).
     """
 
     generation: bool = True
@@ -107,8 +110,9 @@ class EvaluationSettings:
     pass_k: tuple[int, ...] = (1, 5)
     code_samples: int = 5
     code_temperature: float = 0.8
-    code_max_new_tokens: int = 128
-    sandbox_timeout_s: float = 10.0
+    code_max_new_tokens: int | None = None  # None: twice the longest reference body of the batch (from the data)
+    sandbox_timeout_s: float = 30.0  # per program (all its tests); real ones took up to 15 s (bench/code_harness.py)
+    sandbox_memory_mb: int = DEFAULT_MEMORY_MB  # address space; ``import torch`` alone maps ~1 GB
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pass_k", tuple(self.pass_k))
@@ -118,8 +122,10 @@ class EvaluationSettings:
             "pass_k": (len(self.pass_k) > 0 and min(self.pass_k) >= 1, "a non-empty list of k >= 1"),
             "code_samples": (self.code_samples >= largest, f">= the largest k of pass_k ({largest})"),
             "code_temperature": (self.code_temperature > 0, "> 0"),
-            "code_max_new_tokens": (self.code_max_new_tokens >= 1, ">= 1"),
+            "code_max_new_tokens": (self.code_max_new_tokens is None or self.code_max_new_tokens >= 1,
+                                    ">= 1, or null to derive it from the reference solutions"),
             "sandbox_timeout_s": (self.sandbox_timeout_s > 0, "> 0 seconds"),
+            "sandbox_memory_mb": (self.sandbox_memory_mb >= 256, ">= 256 MB (a Python interpreter's own address space)"),
         }, self)
 
 

@@ -36,3 +36,34 @@ def test_summary_table_lists_every_metric_with_its_three_numbers():
         cells = line.split()
         assert cells[0] == name
         assert [float(c) for c in cells[1:]] == [round(summary[k][name], 3) for k in ("immediate", "final", "forgetting")]
+
+
+def test_sparse_sub_kinds_are_summarised_over_the_rounds_that_have_them(tmp_path):
+    # round 1's edits have no Reasoning question: its score is summarised over rounds 0 and 2
+    name = "portability_reasoning_token_acc"
+    history = {
+        0: {"all": {"ES": 1.0, name: 0.6}, "by_edit_round": {0: {"ES": 1.0, name: 0.6}}},
+        1: {"all": {"ES": 0.9, name: 0.5}, "by_edit_round": {0: {"ES": 0.8, name: 0.5}, 1: {"ES": 1.0}}},
+        2: {"all": {"ES": 0.8, name: 0.4}, "by_edit_round": {0: {"ES": 0.6, name: 0.2}, 1: {"ES": 0.9},
+                                                             2: {"ES": 0.9, name: 0.6}}},
+    }
+    summary = summarise(history)
+    assert summary["edit_rounds"] == {"ES": [0, 1, 2], name: [0, 2]}
+    assert summary["immediate"][name] == pytest.approx((0.6 + 0.6) / 2)
+    assert summary["final"][name] == pytest.approx((0.2 + 0.6) / 2)
+    assert summary["forgetting"][name] == pytest.approx(0.6 - 0.2)
+    assert summary["forgetting"]["ES"] == pytest.approx(((1.0 - 0.6) + (1.0 - 0.9)) / 2)
+    row = next(line for line in summary_table(summary).splitlines() if line.startswith(name))
+    assert [float(c) for c in row.split()[1:]] == [0.6, 0.4, 0.4]
+    plot_history(history, tmp_path / "m.png", "knowedit")
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_sub_kind_only_the_last_round_has_gets_no_forgetting():
+    name = "portability_one_hop_token_acc"
+    history = {0: {"all": {"ES": 1.0}, "by_edit_round": {0: {"ES": 1.0}}},
+               1: {"all": {"ES": 1.0, name: 0.5}, "by_edit_round": {0: {"ES": 1.0}, 1: {"ES": 1.0, name: 0.5}}}}
+    summary = summarise(history)
+    assert summary["immediate"][name] == summary["final"][name] == 0.5
+    assert name not in summary["forgetting"]
+    assert "-" in next(line for line in summary_table(summary).splitlines() if line.startswith(name))

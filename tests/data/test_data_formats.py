@@ -85,6 +85,11 @@ def test_missing_file():
         read_records("/nonexistent/cf.json")
 
 
+def test_a_directory_is_named_as_one(tmp_path):
+    with pytest.raises(DataFormatError, match=r": is a directory; expected a \.json or \.jsonl file"):
+        read_records(tmp_path)
+
+
 # ---- CounterFact -----------------------------------------------------------------------------------------
 
 def test_counterfact_good_records(cf_rows):
@@ -168,6 +173,71 @@ def test_zsre_bad_records(zsre_rows, mutate, message):
         parse_zsre_rows(rows, "z.json")
     assert str(err.value).startswith("z.json: record 2: ")
     assert message in str(err.value)
+
+
+def test_zsre_edit_target_is_checked():
+    with pytest.raises(ValueError, match=r"data edit_target must be one of \('alt', 'answers'\).*got 'answer'"):
+        parse_zsre_rows([], "z.json", "answer")
+
+
+def _knowedit_row():
+    """A record shaped like KnowEdit's ZsRE release (ground_truth and locality answers as lists)."""
+    return {"subject": "Lake Orvanne", "target_new": "Chile", "prompt": "Which country is Lake Orvanne located in?",
+            "ground_truth": ["Norway"], "rephrase_prompt": "In what country can Lake Orvanne be found?",
+            "cond": "Sweden >> Chile || Which country is Lake Orvanne located in?",
+            "locality": {"Relation_Specificity": [{"prompt": "The continent of Lake Orvanne is", "ground_truth": ["Europe"]}]},
+            "portability": {"Reasoning": [{"prompt": "What is the capital of the country Lake Orvanne is in?",
+                                           "ground_truth": "Santiago"}]}}
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r.update(locality=["The continent of Lake Orvanne is"]),
+     "field 'locality': expected an object {Relation_Specificity | Forgetfulness: [{prompt, ground_truth}, ...]}, got ["),
+    (lambda r: r.update(locality={"Relation_Specifity": []}),
+     ("field 'locality': expected KnowEdit's locality sub-kinds as keys (Relation_Specificity, Forgetfulness), "
+      "got 'Relation_Specifity'")),
+    (lambda r: r["locality"]["Relation_Specificity"][0].pop("ground_truth"),
+     "field 'locality.Relation_Specificity[0].ground_truth': expected a non-empty string or a list of them"),
+    (lambda r: r.pop("ground_truth"),
+     "field 'ground_truth': expected a non-empty string or a list of them (aliases; the first is scored), missing"),
+    (lambda r: r.update(ground_truth=7),
+     "field 'ground_truth': expected a non-empty string or a list of them (aliases; the first is scored), got 7"),
+    (lambda r: r.update(ground_truth=[]), "field 'ground_truth': expected a non-empty string or a list of them"),
+    (lambda r: r.update(ground_truth=[""]), "field 'ground_truth': expected a non-empty string or a list of them"),
+    (lambda r: r.update(portability="Santiago"),
+     "field 'portability': expected an object: EasyEdit's {New Question, New Answer} or KnowEdit's"),
+    (lambda r: r.update(portability={"Multi_Hop": []}),
+     ("field 'portability': expected KnowEdit's portability sub-kinds as keys (Reasoning, Subject_Aliasing, "
+      "Logical_Generalization), got 'Multi_Hop'")),
+    (lambda r: r["portability"]["Reasoning"][0].update(prompt=None),
+     "field 'portability.Reasoning[0].prompt': expected a non-empty string, got None"),
+    (lambda r: r.update(portability={"New Question": "What is the capital?"}),
+     "field 'portability.New Answer': expected a non-empty string or a list of them"),
+])
+def test_knowedit_bad_records(mutate, message):
+    rows = [_knowedit_row() for _ in range(3)]
+    mutate(rows[1])
+    with pytest.raises(RecordError) as err:
+        parse_zsre_rows(rows, "knowedit.json")
+    assert str(err.value).startswith("knowedit.json: record 1: ")
+    assert message in str(err.value)
+
+
+def test_knowedit_answers_as_strings_or_nested_aliases():
+    row = _knowedit_row()
+    row["ground_truth"] = "Norway"
+    row["portability"]["Reasoning"][0]["ground_truth"] = [["Santiago", "Santiago de Chile"]]
+    (record,) = parse_zsre_rows([row], "knowedit.json")
+    assert record.requests[0].target_old == "Norway"
+    assert record.probes[-1].target == "Santiago"  # the first alias is scored
+
+
+def test_counterfact_layouts_read_easyedit_portability():
+    row = {"case_id": 3, "prompt": "The mother tongue of A B is", "target_new": "Velsh", "subject": "A B",
+           "ground_truth": "Orvanic", "rephrase_prompt": "A B grew up speaking",
+           "portability": {"New Question": "The language of A B's poems is", "New Answer": "Velsh"}}
+    (record,) = parse_counterfact_rows([row], "ee.json")
+    assert [(p.kind, p.group, p.target) for p in record.probes][-1] == ("portability", "one_hop", "Velsh")
 
 
 # ---- code updates ----------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 save/restore."""
 
 import json
+import re
 
 import pytest
 
@@ -12,6 +13,7 @@ from data.formats import DataFormatError, RecordError
 from data.world_model import build_tokenizer
 from data.world_writers import code_update_records, counterfact_records, zsre_records
 from data.zsre import ZsREDataModule
+from lit_common.sources import load_causal_lm, load_tokenizer, locate
 from lit_common.tokenization import IGNORE_INDEX
 
 
@@ -168,6 +170,38 @@ def test_unknown_hub_id_fails_clearly(files):
     dm = CounterFactDataModule(source="nobody/no-such-dataset", tokenizer=str(files / "tokenizer"))
     with pytest.raises(DataFormatError, match="nobody/no-such-dataset: not a local file and could not be loaded"):
         dm.setup("fit")
+
+
+@pytest.mark.parametrize("source", ["./cf_typo.json", "data/real/cf_typo.json", "cf_typo.json", "../edits/cf",
+                                    "~/cf.json", "/no/such/cf.json"])
+def test_a_mistyped_path_fails_at_once_without_the_hub(files, monkeypatch, source):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail(f"{source} was sent to the hub"))
+    dm = CounterFactDataModule(source=source, tokenizer=str(files / "tokenizer"))
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(source)}: no such file or directory .*not a hub id"):
+        dm.setup("fit")
+
+
+def test_hub_shaped_names_still_go_to_the_hub_and_paths_to_disk(files):
+    assert locate("wangzn2001/zsre") == "wangzn2001/zsre"
+    assert locate("meta-llama/Meta-Llama-3-8B") == "meta-llama/Meta-Llama-3-8B"
+    assert locate(str(files / "cf.json")) == str(files / "cf.json")
+    with pytest.raises(FileNotFoundError, match=r"models/smollm2/typo: no such file"):
+        load_tokenizer("models/smollm2/typo")
+    with pytest.raises(FileNotFoundError, match=r"\./models/typo: no such file"):
+        load_causal_lm("./models/typo")
+
+
+def test_a_directory_source_is_named_as_one(files):
+    dm = CounterFactDataModule(source=str(files), tokenizer=str(files / "tokenizer"))
+    with pytest.raises(DataFormatError, match=r": is a directory; expected a \.json or \.jsonl file"):
+        dm.setup("fit")
+
+
+def test_zsre_edit_target_is_checked_at_configuration(files):
+    with pytest.raises(ValueError, match=r"data edit_target must be one of \('alt', 'answers'\).*got 'new'"):
+        ZsREDataModule(source=str(files / "zsre.json"), tokenizer=str(files / "tokenizer"), edit_target="new")
 
 
 def test_base_class_requires_a_format(files):
