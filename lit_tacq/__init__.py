@@ -11,3 +11,5 @@ Interpretability for Compression*, https://arxiv.org/abs/2504.07389 (reference c
 https://github.com/The-Inscrutable-X/TACQ). ``docs/tacq.md`` states the method as this project implements it;
 "docs/tacq.md §N" in docstrings points to its sections.
 """
+
+import lit_tacq.hf_quantizer  # noqa: E402,F401  registers the packed format with transformers (from_pretrained)

@@ -1,16 +1,16 @@
-"""A quantized model on disk: one directory, no pickle.
+"""A quantized model on disk: a Hugging Face model directory, no pickle.
 
-    model.safetensors   every tensor of the model: QuantLinear buffers + the remaining 16-bit weights
-                        (tied weights stored once)
-    config.json         the Hugging Face config (plus generation_config.json when the model has one)
-    quantization.json   format and version, the quantized modules with their shapes, bits, group
-                        size, number of kept weights and dtypes, and the measured bits per weight
-    tokenizer files     when a tokenizer is given
+    config.json         the model's config; its ``quantization_config`` (quant_method ``lit_tacq``) is the
+                        manifest: format and version, bits, group size, kept fraction, measured bits per
+                        weight, and every packed Linear with its shapes, bits, group size, kept weights, dtypes
+    model*.safetensors  every tensor of the model: QuantLinear buffers + the remaining 16-bit weights (tied
+                        weights stored once; sharded like any large checkpoint)
+    generation_config.json, tokenizer files   when the model / a tokenizer has them
 
-``load_quantized`` trusts none of it: quantization.json's fields and every stored tensor's shape and dtype
-are checked first, on a model built on the ``meta`` device (``lit_tacq.manifest``). Only then does it build
-the architecture from config.json, swap the listed modules for empty QuantLinear shells and load the state
-strictly (any missing or extra tensor is an error), then check the kept-weight positions.
+It loads with ``AutoModelForCausalLM.from_pretrained(path)`` once ``lit_tacq`` is imported (hf_quantizer.py
+registers the method with transformers), which checks the manifest and the safetensors headers before
+allocating anything (``lit_tacq.manifest``); ``load_quantized`` is that call. ``save_quantized`` writes the
+manifest and calls ``save_pretrained``; a loaded model's own ``save_pretrained`` writes the same directory.
 """
 
 import json
@@ -19,33 +19,33 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    GenerationConfig,
-    PreTrainedModel,
-)
-from transformers.initialization import no_init_weights
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lit_tacq.manifest import (
-    check_outlier_positions,
-    check_stored_tensors,
-    read_manifest,
-    swap_in_shells,
-)
-from lit_tacq.qlinear import FORMAT_BUFFERS, QuantLinear
+from lit_tacq.hf_quantizer import FORMAT, FORMAT_VERSION, QUANT_METHOD, TaCQConfig
+from lit_tacq.qlinear import FORMAT_BUFFERS, QuantLinear, quantized_modules
 
-FORMAT = "lit_tacq.packed"
-FORMAT_VERSION = 3  # 3: kept-weight positions as 16-bit gaps (2: CSR with per-row counts)
-WEIGHTS_FILE = "model.safetensors"
-QUANT_FILE = "quantization.json"
+__all__ = ["FORMAT", "FORMAT_VERSION", "accounted_bits_per_weight", "load_quantized", "measured_bits_per_weight",
+           "quantized_modules", "save_quantized", "weight_files"]
 
 
-def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
-    """Every QuantLinear of ``model`` by its full module name."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, QuantLinear)}
+_DTYPE_BYTES = {"I32": 4, "I16": 2, "F16": 2, "BF16": 2, "F32": 4}
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The safetensors files of a model directory (one, or the shards its index lists)."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        return [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [directory / "model.safetensors"]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -76,13 +76,14 @@ def measured_bits_per_weight(source: nn.Module | str | Path) -> float:
         n_weights = sum(m.in_features * m.out_features for m in modules)
     else:
         directory = Path(source)
-        entries = json.loads((directory / QUANT_FILE).read_text())["modules"]
+        entries = json.loads((directory / "config.json").read_text())["quantization_config"]["modules"]
+        wanted = {f"{name}.{buffer}" for name in entries for buffer in FORMAT_BUFFERS}
         n_bytes = 0
-        with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
-            for name in entries:
-                for buffer in FORMAT_BUFFERS:
-                    tensor = f.get_tensor(f"{name}.{buffer}")
-                    n_bytes += tensor.numel() * tensor.element_size()
+        for weights in weight_files(directory):
+            with safe_open(str(weights), framework="pt") as f:
+                for key in wanted & set(f.keys()):
+                    tensor = f.get_slice(key)
+                    n_bytes += _numel(tensor.get_shape()) * _DTYPE_BYTES[tensor.get_dtype()]
         n_weights = sum(e["in_features"] * e["out_features"] for e in entries.values())
     if n_weights == 0:
         raise ValueError("no quantized Linear layers found")
@@ -104,6 +105,27 @@ def accounted_bits_per_weight(model: nn.Module) -> float:
     return bits / n_weights
 
 
+def _setting(values: set[Any]) -> Any:
+    """One value when every layer shares it, else the sorted list (None, per-row grids, first)."""
+    return next(iter(values)) if len(values) == 1 else sorted(values, key=lambda v: (v is not None, v or 0))
+
+
+def quantization_config(model: nn.Module, extra: dict[str, Any] | None = None) -> TaCQConfig:
+    """The manifest of a model holding QuantLinear modules (see the module docstring)."""
+    modules = quantized_modules(model)
+    if not modules:
+        raise ValueError("the model has no QuantLinear modules; quantize it first")
+    n_weights = sum(m.in_features * m.out_features for m in modules.values())
+    return TaCQConfig(
+        modules={name: _module_entry(m) for name, m in modules.items()},
+        bits=_setting({m.bits for m in modules.values()}),
+        group_size=_setting({m.group_size for m in modules.values()}),
+        kept_fraction=sum(m.outliers.kept() for m in modules.values()) / n_weights,
+        bits_per_weight=measured_bits_per_weight(model),
+        extra=extra or {},
+    )
+
+
 def save_quantized(
     model: PreTrainedModel,
     out_dir: str | Path,
@@ -112,27 +134,11 @@ def save_quantized(
 ) -> Path:
     """Write ``model`` (with its QuantLinear modules in place) to ``out_dir``; returns the directory.
 
-    ``extra`` (JSON-serialisable, e.g. the quantization settings) is stored in quantization.json.
+    ``extra`` (JSON-serialisable, e.g. the quantization settings) is stored in the manifest.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    modules = quantized_modules(model)
-    if not modules:
-        raise ValueError("the model has no QuantLinear modules; quantize it first")
-    save_model(model, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
-    model.config.save_pretrained(out)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(out)
-    float_params = [p for p in model.parameters() if p.is_floating_point()]
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "dtype": _dtype_name(float_params[0].dtype if float_params else torch.float16),
-        "bits_per_weight": measured_bits_per_weight(model),
-        "modules": {name: _module_entry(m) for name, m in modules.items()},
-        "extra": extra or {},
-    }
-    (out / QUANT_FILE).write_text(json.dumps(meta, indent=2))
+    model.config.quantization_config = quantization_config(model, extra)
+    model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
@@ -141,28 +147,19 @@ def save_quantized(
 def load_quantized(
     out_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> PreTrainedModel:
-    """Rebuild a model saved by :func:`save_quantized`, ready for ``.generate()``.
+    """``AutoModelForCausalLM.from_pretrained`` of a directory written by :func:`save_quantized`, on ``device``.
 
-    ``dtype`` is the dtype of the unquantized weights (default: as saved); the QuantLinear buffers
-    always keep their stored dtypes. quantization.json and the weights file's header are checked against
-    each other and against config.json before anything is allocated (``lit_tacq.manifest``).
+    ``dtype`` is the dtype of the unquantized weights (default: as saved); the QuantLinear buffers always keep
+    their stored dtypes. The manifest and the weights files' headers are checked against each other and
+    against config.json before anything is allocated (``lit_tacq.manifest``).
     """
     directory = Path(out_dir)
-    manifest, weights = directory / QUANT_FILE, directory / WEIGHTS_FILE
-    meta = read_manifest(manifest, FORMAT, FORMAT_VERSION)
-    config = AutoConfig.from_pretrained(directory)
-    dtype = dtype or getattr(torch, meta["dtype"])
-    with torch.device("meta"):  # shapes and dtypes only
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    swap_in_shells(skeleton, meta["modules"], "meta", manifest)
-    check_stored_tensors(weights, skeleton, meta["modules"])
-    # Every weight is about to be overwritten, so skip random init (which also skips weight tying).
-    with no_init_weights(), torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()
-    swap_in_shells(model, meta["modules"], device, manifest)
-    load_model(model, str(weights), strict=True, device=str(device))
-    check_outlier_positions(weights, quantized_modules(model))
-    if (directory / "generation_config.json").exists():
-        model.generation_config = GenerationConfig.from_pretrained(directory)
-    return model.eval()
+    config = directory / "config.json"
+    manifest = json.loads(config.read_text()).get("quantization_config", {}) if config.exists() else {}
+    method = manifest.get("quant_method")
+    if method != QUANT_METHOD:
+        older = " (its quantization.json is lit_tacq's format v3 or older: re-export it)" if (
+            directory / "quantization.json").exists() else ""
+        raise ValueError(f"{directory}: not a packed lit_tacq model: config.json has no quantization_config with "
+                         f"quant_method {QUANT_METHOD!r}{older}")
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or "auto", device_map=torch.device(device))

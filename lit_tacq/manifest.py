@@ -1,14 +1,15 @@
-"""quantization.json read without trusting it: every field checked, then every stored tensor's shape and
-dtype checked against the model it describes, all before anything is allocated.
+"""config.json's ``quantization_config`` read without trusting it: every field checked, then every stored
+tensor's shape and dtype checked against the model it describes, all before anything is allocated.
 
-A loader that builds QuantLinear shells from the JSON's sizes lets a 5 KB edit allocate gigabytes before
-the weights file disagrees, and one that copies stored tensors into shells of the JSON's dtypes converts
-them silently (kept weights into ``int8``). So: (1) ``read_manifest`` checks the JSON's fields, types and
-supported values; (2) ``check_stored_tensors`` builds the model on the ``meta`` device (no memory) from
-config.json with shells from the JSON, and compares every tensor the safetensors header lists with it
-(shapes, and the exact dtypes of the packed buffers); (3) ``check_outlier_positions`` runs once the buffers
-are loaded, so a kept-weight position past the end of its matrix fails at load time, not at generate time.
-Every error names the file, the layer and the field.
+A loader that builds QuantLinear shells from the manifest's sizes lets a 5 KB edit allocate gigabytes before
+the weights file disagrees, and one that copies stored tensors into shells of the manifest's dtypes converts
+them silently (kept weights into ``int8``). So (the quantizer in hf_quantizer.py runs these): (1)
+``check_manifest`` checks the manifest's fields, types and supported values; (2) with the model still on the
+``meta`` device (no memory) and shells swapped in, ``check_stored_tensors`` compares every tensor the
+safetensors headers list with it (known name, shape, the exact dtypes of the packed buffers) and names any
+tensor the files lack (a truncated or unreadable file is named too); (3) ``check_outlier_positions`` runs once
+the buffers are loaded, so a kept-weight position past the end of its matrix fails at load time, not at
+generate time. Every error names the file, the layer and the field.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lit_tacq.packing import OUTLIER_DTYPES, SUPPORTED_BITS
 from lit_tacq.qlinear import FORMAT_BUFFERS, QuantLinear
 
-MODEL_DTYPES = ("float32", "float16", "bfloat16")
+MANIFEST_FIELDS = ("quant_method", "format", "format_version", "bits", "group_size", "kept_fraction",
+                   "bits_per_weight", "modules", "extra")
 SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "int16": "I16"}
 
 
@@ -52,20 +54,16 @@ def _module_problems(entry: Any) -> list[str]:
     return problems
 
 
-def read_manifest(path: Path, format_name: str, format_version: int) -> dict[str, Any]:
-    """The parsed quantization.json, every field checked (all problems reported together)."""
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable JSON file ({err})") from err
+def check_manifest(meta: Any, source: Path, format_name: str, format_version: int) -> dict[str, Any]:
+    """The manifest (config.json's ``quantization_config``), every field checked, all problems reported
+    together; ``source`` names the file in the messages."""
     if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+        raise ValueError(f"{source}: quantization_config: expected an object, got {type(meta).__name__}")
     if (meta.get("format"), meta.get("format_version")) != (format_name, format_version):
-        raise ValueError(f"{path}: format {meta.get('format')!r} v{meta.get('format_version')!r}, expected "
-                         f"{format_name!r} v{format_version}")
-    problems = []
-    if meta.get("dtype") not in MODEL_DTYPES:
-        problems.append(f"dtype {meta.get('dtype')!r}, expected one of {MODEL_DTYPES}")
+        raise ValueError(f"{source}: quantization_config: format {meta.get('format')!r} "
+                         f"v{meta.get('format_version')!r}, this version of lit_tacq reads {format_name!r} "
+                         f"v{format_version} (re-export the model with it)")
+    problems = [f"unknown field {name!r}" for name in sorted(set(meta) - set(MANIFEST_FIELDS))]
     bpw = meta.get("bits_per_weight")
     if not isinstance(bpw, (int, float)) or isinstance(bpw, bool) or not bpw > 0:
         problems.append(f"bits_per_weight {bpw!r}, expected a positive number")
@@ -77,7 +75,7 @@ def read_manifest(path: Path, format_name: str, format_version: int) -> dict[str
     else:
         problems += [f"{name}: {problem}" for name, entry in modules.items() for problem in _module_problems(entry)]
     if problems:
-        raise ValueError(f"{path}:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{source}: quantization_config:\n  " + "\n  ".join(problems))
     return meta
 
 
@@ -88,8 +86,9 @@ def quant_shell(entry: dict[str, Any], device: Any) -> QuantLinear:
                        device=device)
 
 
-def swap_in_shells(model: nn.Module, modules: dict[str, dict[str, Any]], device: Any, manifest: Path) -> None:
-    """Replace each listed Linear by its shell; a name that is no Linear of that size in the model is an error."""
+def swap_in_shells(model: nn.Module, modules: dict[str, dict[str, Any]], manifest: Path) -> None:
+    """Replace each listed Linear by its shell, on the Linear's device; a name that is no Linear of that size
+    in the model is an error."""
     for name, entry in modules.items():
         try:
             linear = model.get_submodule(name)
@@ -101,34 +100,48 @@ def swap_in_shells(model: nn.Module, modules: dict[str, dict[str, Any]], device:
             if entry[field] != getattr(linear, field):
                 raise ValueError(f"{manifest}: {name}: {field} {entry[field]}, the layer in config.json's model has "
                                  f"{getattr(linear, field)}")
-        model.set_submodule(name, quant_shell(entry, device))
+        model.set_submodule(name, quant_shell(entry, linear.weight.device))
 
 
-def check_stored_tensors(weights: Path, skeleton: nn.Module, modules: dict[str, dict[str, Any]]) -> None:
-    """Every tensor in the weights file's header against the (meta-device) model: known name, same shape, and
-    for the packed buffers the very dtype (a loader would otherwise convert them silently)."""
-    expected = skeleton.state_dict()
+def _headers(weights: Path) -> dict[str, tuple[list[int], str]]:
+    """Shape and dtype of every tensor in one safetensors file, read from its header only."""
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return {key: (list(handle.get_slice(key).get_shape()), handle.get_slice(key).get_dtype())
+                    for key in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights}: not a readable safetensors file (truncated or damaged?): {err}") from err
+
+
+def check_stored_tensors(files: list[Path], model: nn.Module, modules: dict[str, dict[str, Any]],
+                         manifest: Path) -> None:
+    """Every tensor in the weights files' headers against the (meta-device) model: known name, same shape,
+    and for the packed buffers the very dtype (a loader would otherwise convert them silently); then every
+    tensor of the model that no file holds (tied copies excepted), since a lenient loader would leave it
+    at its random initial values."""
+    expected = model.state_dict()
     packed = {f"{name}.{buffer}" for name in modules for buffer in (*FORMAT_BUFFERS, "bias")}
-    problems = []
-    with safe_open(str(weights), framework="pt") as handle:
-        for key in handle.keys():
+    problems, stored = [], set()
+    for weights in files:
+        for key, (shape, dtype) in _headers(weights).items():
+            stored.add(key)
             if key not in expected:
-                problems.append(f"{key}: not a tensor of the model that config.json and quantization.json describe")
+                problems.append(f"{weights.name}: {key}: not a tensor of the model that {manifest.name} describes")
                 continue
-            stored = handle.get_slice(key)
-            shape, dtype = list(stored.get_shape()), stored.get_dtype()
             want = expected[key]
             if shape != list(want.shape):
-                problems.append(f"{key}: shape {shape}, expected {list(want.shape)} from config.json and "
-                                "quantization.json")
+                problems.append(f"{weights.name}: {key}: shape {shape}, expected {list(want.shape)} from "
+                                f"{manifest.name}")
             want_dtype = SAFETENSORS_DTYPES.get(str(want.dtype).removeprefix("torch."))
             if key in packed and dtype != want_dtype:
-                problems.append(f"{key}: dtype {dtype}, expected {want_dtype} from quantization.json")
+                problems.append(f"{weights.name}: {key}: dtype {dtype}, expected {want_dtype} from {manifest.name}")
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    problems += [f"{key}: missing from the weights files" for key in sorted(set(expected) - stored - tied)]
     if problems:
-        raise ValueError(f"{weights}:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{manifest.parent}:\n  " + "\n  ".join(problems))
 
 
-def check_outlier_positions(weights: Path, modules: dict[str, QuantLinear]) -> None:
+def check_outlier_positions(files: list[Path], modules: dict[str, QuantLinear]) -> None:
     """Every kept-weight position inside its matrix (positions only grow, so the last one decides)."""
     for name, module in modules.items():
         if module.outlier_gaps.numel() == 0:
@@ -136,5 +149,6 @@ def check_outlier_positions(weights: Path, modules: dict[str, QuantLinear]) -> N
         last = int(module.outliers.positions()[-1])
         size = module.out_features * module.in_features
         if last >= size:
-            raise ValueError(f"{weights}: {name}.outlier_gaps: kept positions reach {last}, beyond the "
+            where = files[0].parent if files else "the loaded model"
+            raise ValueError(f"{where}: {name}.outlier_gaps: kept positions reach {last}, beyond the "
                              f"{module.out_features} x {module.in_features} = {size} weights of the layer")

@@ -95,9 +95,9 @@ def test_killed_tacq_runs_resume_to_the_uninterrupted_export(tiny3, tmp_path):
     expected, resumed = expected_out / "export", out / "export"
     assert sorted(p.name for p in resumed.iterdir()) == sorted(p.name for p in expected.iterdir())
     assert _safetensors(resumed / "model.safetensors") == _safetensors(expected / "model.safetensors")
-    for name in ("config.json", "generation_config.json", "tokenizer.json"):
+    for name in ("generation_config.json", "tokenizer.json"):
         assert (resumed / name).read_bytes() == (expected / name).read_bytes(), name
-    for name in ("quantization.json", "report.json"):
+    for name in ("config.json", "report.json"):
         want, got = (_without_timings(json.loads((d / name).read_text())) for d in (expected, resumed))
         if name == "report.json":
             assert got.pop("run_id") != want.pop("run_id")  # two runs ...

@@ -12,7 +12,7 @@ from callbacks.tacq import TaCQCallback
 from lit_common.layers import decoder_linears
 from lit_common.sources import load_causal_lm
 from lit_tacq.calibration import CalibrationDataModule
-from lit_tacq.io import WEIGHTS_FILE
+WEIGHTS_FILE = "model.safetensors"  # what save_pretrained writes for a model this small
 from lit_tacq.module import CalibrationModule
 from lit_tacq.pipeline import QuantSettings
 
