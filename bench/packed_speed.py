@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -123,6 +122,12 @@ def gpu_rows(repeats: int) -> dict:
     return {"available": True, "device": torch.cuda.get_device_name(), "rows": rows}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike getrusage's maxrss, not inherited across exec)."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
 def generate_in_this_process(variant: str, path: str, new_tokens: int) -> dict:
     """Load one variant, generate greedily, report tokens/s and this process's peak RSS (JSON on stdout)."""
     from lit_common.sources import load_causal_lm, load_tokenizer
@@ -143,7 +148,7 @@ def generate_in_this_process(variant: str, path: str, new_tokens: int) -> dict:
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **settings)
         seconds = time.perf_counter() - start
     return {"variant": variant, "tokens_per_s": new_tokens / seconds, "load_s": load_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "text": tokenizer.decode(out[0, ids.shape[1]:][:12])}
 
 

@@ -75,7 +75,8 @@ void decode_grid_block(const uint32_t *qweight, int64_t n_out, const float *scal
 }
 
 /* y[rows, N] += x[rows, K] @ S^T for the kept weights S, read straight from their 16-bit gap encoding
- * (packing.py: each entry's distance to the previous stored position, minus one; fillers hold 0) */
+ * (packing.py: each entry's distance to the previous stored position, minus one; fillers hold 0). For the few
+ * rows of the fused kernel; with many rows the strided updates would miss the cache, add_kept_to_tile instead. */
 void add_kept_weights(const float *x, int rows, int64_t cols, const uint16_t *gaps, const float *values, int64_t nnz,
                       int64_t n_out, float *y) {
     int64_t position = -1;
@@ -83,5 +84,16 @@ void add_kept_weights(const float *x, int rows, int64_t cols, const uint16_t *ga
         position += (int64_t)gaps[k] + 1;
         const int64_t n = position / cols, j = position % cols;
         for (int m = 0; m < rows; m++) y[m * n_out + n] += values[k] * x[m * cols + j];
+    }
+}
+
+/* the kept weights of input features [start, stop) added into a tile from decode_grid_block */
+void add_kept_to_tile(const uint16_t *gaps, const float *values, int64_t nnz, int64_t cols, int64_t n_out,
+                      int64_t start, int64_t stop, float *weight_t) {
+    int64_t position = -1;
+    for (int64_t k = 0; k < nnz; k++) {
+        position += (int64_t)gaps[k] + 1;
+        const int64_t n = position / cols, j = position % cols;
+        if (j >= start && j < stop) weight_t[(j - start) * n_out + n] += values[k];
     }
 }

@@ -13,8 +13,8 @@ layer falls back to the reference decode (QuantLinear.reference_forward), with a
 * more rows: ``decode_grid_block`` decodes BLOCK_COLUMNS input features at a time into a float32 tile (a few
   MB, never the whole matrix) and ``addmm`` multiplies it, so decoding is paid once per call, not per row.
 
-``add_kept_weights`` then adds the kept 16-bit weights, read straight from their gap encoding (at their
-positions the codes decode to exactly 0).
+The kept 16-bit weights are read straight from their gap encoding and added to y (``add_kept_weights``, few
+rows) or into each tile (``add_kept_to_tile``); at their positions the codes decode to exactly 0.
 """
 
 import ctypes
@@ -44,6 +44,7 @@ _SIGNATURES = {
     "fused_grid_matmul": [_PTR, _INT, _INT64, _PTR, _INT64, _PTR, _PTR, _INT64, _INT, _PTR, _INT],
     "decode_grid_block": [_PTR, _INT64, _PTR, _PTR, _INT64, _INT, _INT64, _INT64, _PTR, _INT],
     "add_kept_weights": [_PTR, _INT, _INT64, _PTR, _PTR, _INT64, _INT64, _PTR],
+    "add_kept_to_tile": [_PTR, _PTR, _INT64, _INT64, _INT64, _INT64, _INT64, _PTR],
 }
 
 
@@ -83,28 +84,6 @@ def _grids_t(scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor]:
     return scale.float().T.contiguous(), zero.float().T.contiguous()
 
 
-def _grid_matmul(lib: ctypes.CDLL, x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int,
-                 group_size: int | None) -> Tensor:
-    rows, cols = x.shape
-    n_out = qweight.shape[1]
-    group_size = group_size or cols
-    scale_t, zero_t = _grids_t(scale, zero)
-    threads = torch.get_num_threads()
-    if rows <= FUSED_MAX_TOKENS:
-        y = torch.empty(rows, n_out, dtype=torch.float32)
-        lib.fused_grid_matmul(x.data_ptr(), rows, cols, qweight.data_ptr(), n_out, scale_t.data_ptr(),
-                              zero_t.data_ptr(), group_size, bits, y.data_ptr(), threads)
-        return y
-    y = torch.zeros(rows, n_out, dtype=torch.float32)
-    tile = torch.empty(BLOCK_COLUMNS, n_out, dtype=torch.float32)
-    for start in range(0, cols, BLOCK_COLUMNS):
-        stop = min(start + BLOCK_COLUMNS, cols)
-        lib.decode_grid_block(qweight.data_ptr(), n_out, scale_t.data_ptr(), zero_t.data_ptr(), group_size, bits,
-                              start, stop, tile.data_ptr(), threads)
-        y.addmm_(x[:, start:stop], tile[: stop - start])
-    return y
-
-
 def packed_matmul(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int | None,
                   outliers: SparseOutliers) -> Tensor | None:
     """``x [M, K] @ W^T`` in float32 from a QuantLinear's packed buffers (CPU tensors), or None where the kernel
@@ -112,10 +91,27 @@ def packed_matmul(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor, bits:
     lib = library()
     if lib is None:
         return None
-    x = x.float().contiguous()
-    y = _grid_matmul(lib, x, qweight.contiguous(), scale, zero, bits, group_size)
-    if outliers.nnz:
-        values = outliers.values.float()
-        lib.add_kept_weights(x.data_ptr(), x.shape[0], x.shape[1], outliers.gaps.data_ptr(), values.data_ptr(),
-                             outliers.nnz, y.shape[1], y.data_ptr())
+    x, qweight = x.float().contiguous(), qweight.contiguous()
+    rows, cols = x.shape
+    n_out = qweight.shape[1]
+    group_size = group_size or cols
+    scale_t, zero_t = _grids_t(scale, zero)
+    kept_values = outliers.values.float()
+    threads = torch.get_num_threads()
+    if rows <= FUSED_MAX_TOKENS:
+        y = torch.empty(rows, n_out, dtype=torch.float32)
+        lib.fused_grid_matmul(x.data_ptr(), rows, cols, qweight.data_ptr(), n_out, scale_t.data_ptr(),
+                              zero_t.data_ptr(), group_size, bits, y.data_ptr(), threads)
+        lib.add_kept_weights(x.data_ptr(), rows, cols, outliers.gaps.data_ptr(), kept_values.data_ptr(),
+                             outliers.nnz, n_out, y.data_ptr())
+        return y
+    y = torch.zeros(rows, n_out, dtype=torch.float32)
+    tile = torch.empty(BLOCK_COLUMNS, n_out, dtype=torch.float32)
+    for start in range(0, cols, BLOCK_COLUMNS):
+        stop = min(start + BLOCK_COLUMNS, cols)
+        lib.decode_grid_block(qweight.data_ptr(), n_out, scale_t.data_ptr(), zero_t.data_ptr(), group_size, bits,
+                              start, stop, tile.data_ptr(), threads)
+        lib.add_kept_to_tile(outliers.gaps.data_ptr(), kept_values.data_ptr(), outliers.nnz, cols, n_out, start,
+                             stop, tile.data_ptr())
+        y.addmm_(x[:, start:stop], tile[: stop - start])
     return y
