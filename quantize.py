@@ -6,6 +6,11 @@ the config's ``trainer.callbacks`` (required: the CLI refuses a config without i
 during the one calibration epoch and writes the packed model at its end. The tokenizer follows the model;
 the calibration is exactly one epoch. ``ckpt_path`` defaults to ``last``: rerunning the same command
 resumes an interrupted calibration or quantization (the latter per decoder block).
+
+Edit, then quantize (``configs/demo_edit_then_tacq.yaml``): ``model.adapter`` names an editing run's saved
+adapter, merged into the model before calibration, and ``data.edits`` (the editing run's data module) with
+``data.edit_share`` calibrates on its edits; the packed model's manifest records both. Score the reloaded
+export on its edits with ``python -m bench.edit_then_quantize score <export_dir>``.
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ A run, hook by hook:
 - ``on_fit_end``: once every example has its gradient, the accumulators are summed across ranks and rank 0
   runs the TaCQ pipeline (``lit_tacq.pipeline``: reference GPTQ -> saliency -> global top-p mask -> masked
   GPTQ), writes the packed model with a ``report.json``, reloads it from disk and prints its accuracy and
-  bits per weight. A calibration that stopped early (``max_steps``, ``limit_train_batches``) is an error
-  that says how far it got and how to resume; nothing is quantized from part of the data.
+  bits per weight. For an edited model (an adapter merged by ``CalibrationModule``, its edits named in the
+  calibration data) the report and the manifest's ``extra`` record which adapter and which edits it carries.
+  A calibration that stopped early (``max_steps``, ``limit_train_batches``) is an error that says how far it
+  got and how to resume; nothing is quantized from part of the data.
 
 Why ``on_fit_end`` and not ``on_train_end``: in Lightning 2.6 ``Trainer._run`` -> ``fit_loop.run()``
 returns at once when the loop is already done, i.e. on a rerun that resumes from the checkpoint saved at the
@@ -289,6 +291,7 @@ class TaCQCallback(Callback):
                 "seconds": self.calibration_seconds,
             },
         }
+        report.update(self._provenance(pl_module, datamodule))
         if eval_data is not None and self.evaluate_fp:
             report["fp"] = evaluate(model, datamodule.tokenizer, eval_data, self.eval_batch_size)
 
@@ -302,8 +305,8 @@ class TaCQCallback(Callback):
 
         staged = self.work_dir / "export"
         shutil.rmtree(staged, ignore_errors=True)  # an export a kill interrupted
-        save_quantized(model, staged, datamodule.tokenizer,
-                       extra={"quant": report["quant"], "calibration": report["calibration"]})
+        extra = {key: report[key] for key in ("quant", "calibration", "adapter", "edits") if key in report}
+        save_quantized(model, staged, datamodule.tokenizer, extra=extra)
         report["bits_measured"] = measured_bits_per_weight(staged)
         report["export_dir"] = str(self.export_dir)
         if eval_data is not None:
@@ -317,6 +320,16 @@ class TaCQCallback(Callback):
         replace_atomically(staged, self.export_dir)
         rank_zero_info(self._summary_line(report))
         return report
+
+    @staticmethod
+    def _provenance(pl_module: L.LightningModule, datamodule: Any) -> dict[str, Any]:
+        """What the packed model carries besides the base: the adapter merged into it (``adapter``, from
+        ``CalibrationModule.adapter_record``) and its edits with their share of the calibration (``edits``, from
+        ``CalibrationDataModule.edit_record``), each only when there is one. Both go into report.json and the
+        manifest's ``extra``, so the artefact says which adapter and which edits it carries."""
+        found = {"adapter": getattr(pl_module, "adapter_record", None),
+                 "edits": getattr(datamodule, "edit_record", None)}
+        return {key: value for key, value in found.items() if value is not None}
 
     @staticmethod
     def _summary_line(report: dict[str, Any]) -> str:

@@ -10,6 +10,19 @@ Two settings (docs/tacq.md §3), both under one token budget:
 - ``general``: ``budget // window`` random ``window``-token windows of a text (a local file, one
   document per line, a ``pypi:`` file, or a hub dataset ``"<id>[:<config>]"``), the "unconditioned" setting.
 
+**Edit-conditioned calibration** (quantizing an edited model, ``CalibrationModule(adapter=...)``): with
+``edits`` (the editing run's own data module, e.g. ``data.counterfact.CounterFactDataModule`` with the same
+source, rounds and shuffle seed), the calibration examples are the edits that run made: every rewrite prompt
+and every paraphrase prompt with the *new* answer, read by that data module's reader and split into its rounds
+(``EditDataModule.load_records`` / ``split_rounds``: one reader for editing and calibration, never a second
+parser), encoded as the editing run encoded them (its chat template, EOS and length settings). ``edit_share``
+of the calibration tokens are edit examples (all of them while they fit in ``edit_share * token_budget``), the
+rest comes from ``source`` in ``mode`` as above, as many tokens as make the share exact (to a whole example or
+window): ``edit_share: 1`` calibrates on the edits alone, ``0.5`` on as many task (or general) tokens again,
+``0`` on the source alone under the whole budget (a baseline that still says which edits the model carries).
+Which records were edited is kept in ``edit_record`` and travels into the packed model's manifest
+(``callbacks/tacq.py``).
+
 A local (or ``pypi:``) text has two disjoint parts. Its non-empty lines are cut into 50 consecutive blocks
 (one a line when it has fewer): every tenth block (the 10th, 20th, ...) is ``test`` (alias ``evaluation``),
 10 % of the lines, the others are ``train`` (alias ``calibration``); ``all`` is the whole file. Blocks keep
@@ -41,7 +54,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from data.formats import RecordReader, read_records
+from data.base import EditDataModule
+from data.formats import EditRecord, RecordReader, read_records
 from data.loaders import ResumableLoader
 from lit_common.sources import is_local, load_tokenizer, resolve
 from lit_common.tokenization import IGNORE_INDEX, AnswerTokenizer
@@ -92,12 +106,14 @@ def task_examples(
     token_budget: int,
     seed: int = 0,
     answer_only: bool = False,
+    encoder: AnswerTokenizer | None = None,
 ) -> list[CalibrationExample]:
     """Whole examples in a seeded shuffle until the next one would exceed ``token_budget`` tokens.
 
     The loss covers every token by default (as the reference does); ``answer_only`` keeps the answer's.
+    ``encoder``: how a (prompt, answer) pair becomes tokens (default: plain prompt + answer).
     """
-    encoder = AnswerTokenizer(tokenizer, max_length=token_budget)
+    encoder = encoder or AnswerTokenizer(tokenizer, max_length=token_budget)
     order = list(records)
     random.Random(seed).shuffle(order)
     examples, total = [], 0
@@ -114,6 +130,23 @@ def task_examples(
     if not examples:
         raise ValueError(f"token_budget={token_budget} is smaller than the first example; raise it")
     return examples
+
+
+def edited_records(edits: EditDataModule) -> list[EditRecord]:
+    """The records an editing run with these data settings edits, round after round (its reader, shuffle and
+    split into rounds; nothing is tokenised here)."""
+    rounds = edits.split_rounds(edits.load_records(), edits.num_updates, edits.edits_per_update)
+    return [record for round_records in rounds for record in round_records]
+
+
+def edit_pairs(records: list[EditRecord]) -> list[dict[str, str]]:
+    """Every rewrite prompt and paraphrase prompt of the records with its new answer, as task records
+    (``prompt``/``answer``); neighbourhood and locality prompts keep their old answers and are left out."""
+    pairs = [{"prompt": request.prompt, "answer": request.target_new}
+             for record in records for request in record.requests]
+    pairs += [{"prompt": probe.prompt, "answer": probe.target}
+              for record in records for probe in record.probes if probe.kind == "paraphrase"]
+    return pairs
 
 
 def text_part(text: str, split: str, where: str) -> str:
@@ -195,6 +228,10 @@ class CalibrationDataModule(L.LightningDataModule):
         eval_text: a text whose ``eval_text_split`` is scored too (NLL and perplexity over ``eval_windows``
             windows), so a task evaluation also reports what quantization costs on general text.
         eval_max_items: cap on evaluation pairs (None: all).
+        edits: the editing run's data module (same class, source, rounds and shuffle seed): calibrate on its
+            edits (module docstring); ``None``: no edits.
+        edit_share: the share of calibration tokens that are edit examples, in [0, 1] (with ``edits`` only; 0:
+            none, the edits are only recorded).
     """
 
     def __init__(
@@ -215,13 +252,25 @@ class CalibrationDataModule(L.LightningDataModule):
         eval_text_split: str = "test",
         eval_max_items: int | None = None,
         num_workers: int = 0,
+        edits: EditDataModule | None = None,
+        edit_share: float = 1.0,
     ) -> None:
         super().__init__()
         if mode not in ("task", "general"):
             raise ValueError(f"mode must be 'task' or 'general', got {mode!r}")
         if answer_only and mode != "task":
             raise ValueError("answer_only needs task examples (mode='task')")
-        self.save_hyperparameters()
+        if edits is not None and not isinstance(edits, EditDataModule):
+            raise TypeError(f"data edits must be an editing data module (data.base.EditDataModule, e.g. "
+                            f"data.counterfact.CounterFactDataModule), got {type(edits).__name__}")
+        if isinstance(edit_share, bool) or not isinstance(edit_share, (int, float)) or not 0 <= edit_share <= 1:
+            raise ValueError(f"data edit_share={edit_share!r}, expected a number in [0, 1]: the share of calibration "
+                             "tokens that are edit examples")
+        if edits is None and edit_share != 1.0:
+            raise ValueError(f"data edit_share={edit_share} needs data edits (the editing run's data module)")
+        self.save_hyperparameters(ignore=["edits"])  # a data module is no hyper-parameter: edit_record says it
+        self.edits = edits
+        self.edit_record: dict[str, Any] | None = None  # the edits and their share (set by build_examples)
         self.examples: list[CalibrationExample] = []
         self._tokenizer: PreTrainedTokenizerBase | None = None
 
@@ -236,12 +285,41 @@ class CalibrationDataModule(L.LightningDataModule):
             self.examples = self.build_examples()
 
     def build_examples(self) -> list[CalibrationExample]:
+        """The source's examples under the budget or, with ``edits``, the edit examples and as many of the
+        source's tokens as make ``edit_share`` exact (module docstring)."""
+        hp = self.hparams
+        if self.edits is None:
+            return self.source_examples(hp.token_budget)
+        edits = self.edits
+        records = edited_records(edits)
+        examples: list[CalibrationExample] = []
+        if hp.edit_share > 0:
+            encoder = AnswerTokenizer(self.tokenizer, edits.chat_template, edits.max_length, edits.append_eos)
+            examples = task_examples(edit_pairs(records), self.tokenizer, int(hp.edit_share * hp.token_budget),
+                                     hp.seed, hp.answer_only, encoder)
+        edit_tokens = sum(map(len, examples))
+        other_tokens = (hp.token_budget if not examples else
+                        min(hp.token_budget - edit_tokens, round(edit_tokens * (1 - hp.edit_share) / hp.edit_share)))
+        others = self.source_examples(other_tokens) if other_tokens > 0 else []
+        self.edit_record = {
+            "data_module": f"{type(edits).__module__}.{type(edits).__qualname__}",
+            "init_args": dict(edits.hparams),
+            "records": [record.record_id for record in records],
+            "examples": len(examples),
+            "tokens": edit_tokens,
+            "share": hp.edit_share,
+            "other_tokens": sum(map(len, others)),
+        }
+        return examples + others
+
+    def source_examples(self, token_budget: int) -> list[CalibrationExample]:
+        """Calibration examples of ``source`` in ``mode`` under ``token_budget`` tokens."""
         hp = self.hparams
         if hp.mode == "task":
             records = read_task_records(resolve(hp.source), hp.split)
-            return task_examples(records, self.tokenizer, hp.token_budget, hp.seed, hp.answer_only)
+            return task_examples(records, self.tokenizer, token_budget, hp.seed, hp.answer_only)
         ids = tokenize_text(read_text(hp.source, hp.split, hp.text_field), self.tokenizer)
-        windows = text_windows(ids, hp.window, max(1, hp.token_budget // hp.window), hp.seed)
+        windows = text_windows(ids, hp.window, max(1, token_budget // hp.window), hp.seed)
         return [CalibrationExample(w, w.clone()) for w in windows]
 
     def train_dataloader(self) -> ResumableLoader:

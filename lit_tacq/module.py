@@ -17,11 +17,23 @@ depends on the example alone and a resumed calibration reproduces an uninterrupt
 The weights never change, so checkpoints hold none of them (the base is reloaded from its path, as
 ``lit_corsa``'s module does with its frozen base): a calibration checkpoint is small, and no quantized
 weight can ever end up in it.
+
+**Quantizing an edited model.** ``adapter`` names an editing run's saved peft adapter (the ``adapter/`` that
+``callbacks/edit_report.py`` writes): it is loaded onto the base and merged into its weights
+(``merge_and_unload``) before anything else, so calibration, quantization and export see one plain model, the
+edited one, and no TaCQ code knows about adapters. This goes through peft, not through ``lit_corsa``: the two
+products share only ``lit_common`` and ``data`` (README), and a saved peft adapter is a peft format, not a
+``lit_corsa`` one. :attr:`CalibrationModule.adapter_record` says which adapter was merged (path, sha256 of its
+weights, the base it was trained on, rank and targets); the callback writes it into the packed model's
+manifest, next to the edits the calibration data names (``lit_tacq.calibration``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
@@ -41,6 +53,46 @@ def freeze_all_but_decoder_linears(model: PreTrainedModel) -> dict[str, torch.nn
     for linear in linears.values():
         linear.weight.requires_grad_(True)
     return linears
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def check_adapter_dir(adapter: str) -> Path:
+    """A saved peft adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``), or a ValueError
+    that names what is missing (checked when the config is read, before any model is loaded)."""
+    path = Path(adapter)
+    missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / name).is_file()]
+    if missing:
+        raise ValueError(f"model adapter={adapter!r} is not a saved peft adapter directory: {', '.join(missing)} "
+                         "missing (an editing run writes one to runs/<name>/version_N/adapter)")
+    return path
+
+
+def adapter_record(adapter: str, merged_into: str) -> dict[str, Any]:
+    """What identifies a saved adapter: its resolved path, the sha256 of its weights file, the model it is merged
+    into here and the one it was trained on, its rank, alpha and target modules (its ``adapter_config.json``)."""
+    path = check_adapter_dir(adapter)
+    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    targets = config.get("target_modules")
+    return {
+        "path": str(path.resolve()),
+        "merged_into": merged_into,
+        "sha256": hashlib.sha256((path / ADAPTER_WEIGHTS).read_bytes()).hexdigest(),
+        "base_model_name_or_path": config.get("base_model_name_or_path"),
+        "peft_type": config.get("peft_type"),
+        "r": config.get("r"),
+        "lora_alpha": config.get("lora_alpha"),
+        "target_modules": sorted(targets) if isinstance(targets, list) else targets,
+    }
+
+
+def merge_adapter(model: PreTrainedModel, adapter: str) -> PreTrainedModel:
+    """``model`` with the saved peft adapter folded into its weights, as a plain model (module docstring)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(check_adapter_dir(adapter))).merge_and_unload()
 
 
 class StepClock(torch.optim.Optimizer):
@@ -64,15 +116,21 @@ class CalibrationModule(L.LightningModule):
         model_name_or_path: local path, hub id or ``world:model``.
         dtype: weights' dtype ("float32", "bfloat16", "float16"); the accumulator is float32 regardless.
         gradient_checkpointing: trade compute for activation memory (large models, long sequences).
+        adapter: a saved peft adapter (an editing run's ``adapter/``) merged into the model before
+            calibration: the edited model is what gets quantized (module docstring).
     """
 
     def __init__(
-        self, model_name_or_path: str = "world:model", dtype: str = "float32", gradient_checkpointing: bool = False
+        self, model_name_or_path: str = "world:model", dtype: str = "float32", gradient_checkpointing: bool = False,
+        adapter: str | None = None,
     ) -> None:
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        if adapter is not None:
+            check_adapter_dir(adapter)
         self.save_hyperparameters()
+        self.adapter_record: dict[str, Any] | None = None  # the merged adapter (set by configure_model)
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold no weights (module docstring)
         self.model: PreTrainedModel | None = None
@@ -80,7 +138,11 @@ class CalibrationModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = load_causal_lm(self.hparams.model_name_or_path, self.hparams.dtype)
+        model = load_causal_lm(self.hparams.model_name_or_path, self.hparams.dtype)
+        if self.hparams.adapter is not None:
+            self.adapter_record = adapter_record(self.hparams.adapter, self.hparams.model_name_or_path)
+            model = merge_adapter(model, self.hparams.adapter)
+        self.model = model
         if self.hparams.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         freeze_all_but_decoder_linears(self.model)
