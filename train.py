@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
+import lit_tacq  # noqa: F401  registers TaCQ's packed format with transformers: an edit may start from an export
 from callbacks.run_checkpoint import resume_by_default
 from data.base import EditDataModule, round_protocol
 from lit_corsa.module import EditModule
@@ -31,7 +32,8 @@ class EditCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     EditCLI(EditModule, EditDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True}, args=args, parser_kwargs=resume_by_default("fit", "validate", "test"))
+            save_config_kwargs={"overwrite": True}, args=args,
+            parser_kwargs=resume_by_default("fit", "validate", "test"))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Works for Llama, Qwen2, Mistral, GPT-NeoX and other Hugging Face decoders whose 
 ``nn.ModuleList``. One rule for both products: a decoder "Linear" is an ``nn.Linear`` or GPT-2's
 ``Conv1D`` (the same map with its weight stored as [in, out]). LoRA adapts both kinds; TaCQ's packed
 format is written for ``nn.Linear`` and refuses ``Conv1D`` layers by name (:func:`require_nn_linear`).
+A layer that computes a Linear's map from some other storage (TaCQ's QuantLinear: packed codes) declares
+``packed_linear = True``: it is no Linear to quantize, but LoRA adapts it (:func:`find_adaptable_linears`).
 """
 
 from torch import nn
@@ -28,6 +30,17 @@ def find_decoder_blocks(model: nn.Module) -> list[nn.Module]:
     if not candidates:
         raise ValueError(f"no nn.ModuleList of identical blocks in {type(model).__name__}")
     return list(max(candidates, key=_param_count))
+
+
+def is_packed_linear(module: nn.Module) -> bool:
+    """Whether ``module`` declares itself a Linear computed from other storage (module docstring)."""
+    return getattr(module, "packed_linear", False) is True
+
+
+def find_adaptable_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """The Linears of :func:`find_linears` and the packed ones, by name relative to ``block``: LoRA's targets."""
+    return {name: module for name, module in block.named_modules()
+            if isinstance(module, LINEAR_TYPES) or is_packed_linear(module)}
 
 
 def find_linears(block: nn.Module) -> dict[str, nn.Module]:

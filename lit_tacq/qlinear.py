@@ -55,6 +55,8 @@ class QuantLinear(nn.Module):
     dict); :meth:`from_result` builds a filled one from a :class:`QuantResult`.
     """
 
+    packed_linear = True  # lit_common.layers: LoRA may adapt it, no quantizer touches it again
+
     def __init__(
         self,
         in_features: int,
