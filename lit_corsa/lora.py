@@ -4,19 +4,18 @@ LoRA targets are found by structure (every Linear, or GPT-2 ``Conv1D``, inside t
 :func:`lit_common.layers.find_adaptable_linears`), so
 the same config edits Llama (q/k/v/o/gate/up/down_proj), Qwen2, Mistral, GPT-NeoX (query_key_value,
 dense, dense_h_to_4h, dense_4h_to_h) and GPT-2 (c_attn, c_proj, c_fc) without listing names. A packed base
-(a TaCQ export: its Linears are packed layers computing from their codes) is adapted the same way: peft's
-own LoRA ``Linear`` wraps each packed layer type, registered through peft's custom-module API, and the codes
-stay as they are (QLoRA-style).
+(a TaCQ export: its Linears are packed layers computing from their codes) is adapted the same way
+(:func:`lit_common.adapters.with_packed_layers`); the codes stay as they are (QLoRA-style).
 """
 
 from __future__ import annotations
 
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 from transformers import PreTrainedModel
 
-from lit_common.layers import find_adaptable_linears, find_decoder_blocks, is_packed_linear
+from lit_common.adapters import with_packed_layers
+from lit_common.layers import find_adaptable_linears, find_decoder_blocks
 
 
 def decoder_linear_names(model: nn.Module) -> list[str]:
@@ -36,21 +35,13 @@ def wrap_with_lora(model: PreTrainedModel, r: int = 8, alpha: int = 16, dropout:
     ``save_pretrained`` to start from instead (its own rank, alpha and targets then apply)."""
     model = _prepare(model, gradient_checkpointing)
     if saved_adapter is not None:
-        config = _with_packed_layers(LoraConfig.from_pretrained(saved_adapter), model)
+        config = with_packed_layers(LoraConfig.from_pretrained(saved_adapter), model)
         return PeftModel.from_pretrained(model, saved_adapter, is_trainable=True, config=config)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
         target_modules=target_modules or decoder_linear_names(model),
     )
-    return get_peft_model(model, _with_packed_layers(config, model))
-
-
-def _with_packed_layers(config: LoraConfig, model: nn.Module) -> LoraConfig:
-    """``config`` able to wrap the model's packed layer types with peft's LoRA ``Linear`` (module docstring)."""
-    packed = {type(module) for module in model.modules() if is_packed_linear(module)}
-    if packed:
-        config._register_custom_module({kind: LoraLinear for kind in packed})
-    return config
+    return get_peft_model(model, with_packed_layers(config, model))
 
 
 def _prepare(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrainedModel:

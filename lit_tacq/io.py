@@ -14,6 +14,7 @@ manifest and calls ``save_pretrained``; a loaded model's own ``save_pretrained``
 """
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,6 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "accounted_bits_per_weight", "load_quanti
 
 
 _DTYPE_BYTES = {"I32": 4, "I16": 2, "F16": 2, "BF16": 2, "F32": 4}
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def weight_files(directory: str | Path) -> list[Path]:
@@ -83,7 +77,7 @@ def measured_bits_per_weight(source: nn.Module | str | Path) -> float:
             with safe_open(str(weights), framework="pt") as f:
                 for key in wanted & set(f.keys()):
                     tensor = f.get_slice(key)
-                    n_bytes += _numel(tensor.get_shape()) * _DTYPE_BYTES[tensor.get_dtype()]
+                    n_bytes += math.prod(tensor.get_shape()) * _DTYPE_BYTES[tensor.get_dtype()]
         n_weights = sum(e["in_features"] * e["out_features"] for e in entries.values())
     if n_weights == 0:
         raise ValueError("no quantized Linear layers found")

@@ -120,9 +120,9 @@ def test_transformers_loads_saves_and_adapts_the_packed_directory(tmp_path):
 
     from peft import LoraConfig, get_peft_model
 
-    from lit_tacq.adapters import with_packed_layers
+    from lit_common.adapters import with_packed_layers
 
-    adapted = get_peft_model(widened, with_packed_layers(LoraConfig(r=4, target_modules=["q_proj", "up_proj"])))
+    adapted = get_peft_model(widened, with_packed_layers(LoraConfig(r=4, target_modules=["q_proj", "up_proj"]), widened))
     loss = adapted(ids, labels=ids).loss
     loss.backward()
     grads = {n: p.grad for n, p in adapted.named_parameters() if p.requires_grad}
