@@ -274,13 +274,16 @@ class EditDataModule(L.LightningDataModule):
         """Requests in evaluation-sized batches, padded like training batches (for reference log-probs)."""
         return DataLoader(requests, batch_size=self.eval_batch_size, collate_fn=RequestCollator(self.pad_id))
 
-    def optimizer_steps_per_round(self, world_size: int, accumulate: int) -> int:
-        """Optimiser steps a round takes on each rank: Lightning's distributed sampler deals every round's
-        requests out evenly (padding the last batch), and the module steps every ``accumulate`` batches
-        and at each epoch's end."""
-        per_rank = math.ceil(len(self.requests_of_round(0)) / world_size)
-        batches_per_epoch = math.ceil(per_rank / self.batch_size)
-        return max(1, math.ceil(batches_per_epoch / accumulate) * self.epochs_per_update)
+    def optimizer_steps_per_round(self, world_size: int, accumulate: int) -> list[int]:
+        """Optimiser steps each round takes on each rank (rounds may hold different numbers of requests, e.g.
+        MQuAKE cases of 1-4 rewrites): Lightning's distributed sampler deals a round's requests out evenly
+        (padding the last batch), and the module steps every ``accumulate`` batches and at each epoch's end."""
+        steps = []
+        for k in range(self.num_updates):
+            per_rank = math.ceil(len(self.requests_of_round(k)) / world_size)
+            batches_per_epoch = math.ceil(per_rank / self.batch_size)
+            steps.append(max(1, math.ceil(batches_per_epoch / accumulate) * self.epochs_per_update))
+        return steps
 
     # ---- checkpointed state --------------------------------------------------------------------------
     # what decides which batches a round trains on; a resume with other values would mix two runs

@@ -19,11 +19,14 @@ class DataFormatError(ValueError):
 
 
 class RecordError(DataFormatError):
-    """One record's field is missing or malformed."""
+    """One record's field is missing or malformed; ``label`` names the record as its benchmark does
+    (e.g. ``case_id 17``), next to its index."""
 
-    def __init__(self, source: str, index: int, field_path: str, expected: str, got: Any = None) -> None:
+    def __init__(self, source: str, index: int, field_path: str, expected: str, got: Any = None,
+                 label: str = "") -> None:
         shown = "missing" if got is _MISSING else f"got {_preview(got)}"
-        super().__init__(f"{source}: record {index}: field '{field_path}': expected {expected}, {shown}")
+        record = f"record {index} ({label})" if label else f"record {index}"
+        super().__init__(f"{source}: {record}: field '{field_path}': expected {expected}, {shown}")
         self.source, self.index, self.field_path = source, index, field_path
 
 
@@ -74,11 +77,11 @@ def _parse_json(text: str, where: str) -> Any:
 class RecordReader:
     """Typed access to one record's fields; every failure becomes a :class:`RecordError`."""
 
-    def __init__(self, source: str, index: int, record: dict[str, Any], prefix: str = "") -> None:
-        self.source, self.index, self.record, self.prefix = source, index, record, prefix
+    def __init__(self, source: str, index: int, record: dict[str, Any], prefix: str = "", label: str = "") -> None:
+        self.source, self.index, self.record, self.prefix, self.label = source, index, record, prefix, label
 
     def error(self, field_path: str, expected: str, got: Any = _MISSING) -> RecordError:
-        return RecordError(self.source, self.index, self.prefix + field_path, expected, got)
+        return RecordError(self.source, self.index, self.prefix + field_path, expected, got, self.label)
 
     def has(self, field_path: str) -> bool:
         return self._lookup(field_path) is not _MISSING
@@ -144,20 +147,24 @@ class RecordReader:
 
     def child(self, value: dict[str, Any], field_path: str) -> "RecordReader":
         """A reader for a nested object (e.g. one list item) whose errors still name the full path."""
-        return RecordReader(self.source, self.index, value, f"{self.prefix}{field_path}.")
+        return RecordReader(self.source, self.index, value, f"{self.prefix}{field_path}.", self.label)
 
 
 # ---- the normalised records every benchmark turns into -------------------------------------------------
 
-PROBE_KINDS = ("efficacy", "paraphrase", "neighborhood", "locality", "portability", "program")
+PROBE_KINDS = ("efficacy", "paraphrase", "neighborhood", "locality", "portability", "program", "hop")
 
 # KnowEdit's sub-kinds as its files spell them, and the probe group each becomes (its own metrics)
 PORTABILITY_GROUPS = {"Reasoning": "reasoning", "Subject_Aliasing": "subject_aliasing",
                       "Logical_Generalization": "logical_generalization"}
 LOCALITY_GROUPS = {"Relation_Specificity": "relation_specificity", "Forgetfulness": "forgetfulness"}
 ONE_HOP = "one_hop"  # EasyEdit's own portability field ({"New Question", "New Answer"}), named as EasyEdit does
-# the groups a probe of each kind may carry ("" = none): portability probes always name theirs
-PROBE_GROUPS = {"portability": (*PORTABILITY_GROUPS.values(), ONE_HOP), "locality": ("", *LOCALITY_GROUPS.values())}
+# MQuAKE's questions (hop probes), each group scored per case (lit_corsa.evaluation.CASE_METRICS): an edit's
+# own prompt, a single hop of the edited chain, a multi-hop question
+HOP_GROUPS = ("edit", "single_hop", "multi_hop")
+# the groups a probe of each kind may carry ("" = none): portability and hop probes always name theirs
+PROBE_GROUPS = {"portability": (*PORTABILITY_GROUPS.values(), ONE_HOP), "locality": ("", *LOCALITY_GROUPS.values()),
+                "hop": HOP_GROUPS}
 
 
 @dataclass(frozen=True)
@@ -179,7 +186,9 @@ class Probe:
     ``contrast`` when there is one). Efficacy and paraphrase probes target the new answer, neighbourhood
     probes keep the old one, locality probes keep whatever the model answered before, portability probes
     ask a question whose answer follows from the edit (``target`` is that answer, once the edit holds).
-    ``group`` is the benchmark's sub-kind (:data:`PROBE_GROUPS`), scored on its own as well."""
+    ``group`` is the benchmark's sub-kind (:data:`PROBE_GROUPS`), scored on its own as well. Hop probes
+    (MQuAKE) are answered by greedy generation, which may give ``target`` or one of its ``aliases``, and
+    are scored per ``case`` (the benchmark's case id): a case's probes of a group count together."""
 
     kind: str
     prompt: str
@@ -187,6 +196,8 @@ class Probe:
     contrast: str | None = None
     program: ProgramTest | None = None
     group: str = ""
+    aliases: tuple[str, ...] = ()
+    case: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in PROBE_KINDS:
@@ -194,6 +205,10 @@ class Probe:
         groups = PROBE_GROUPS.get(self.kind, ("",))
         if self.group not in groups:
             raise ValueError(f"probe kind {self.kind!r} has groups {groups}, not {self.group!r}")
+        if (self.kind == "hop") != (self.case is not None):
+            raise ValueError(f"hop probes, and only they, are scored per case; got kind {self.kind!r}, case {self.case!r}")
+        if self.aliases and self.kind != "hop":
+            raise ValueError(f"answer aliases are matched in hop probes' generations only, not in {self.kind!r} probes")
 
 
 def grouped_probes(reader: RecordReader, field_path: str, kind: str, groups: dict[str, str]) -> list[Probe]:

@@ -102,6 +102,67 @@ RELATIONS: tuple[Relation, ...] = (
     ),
 )
 
+
+@dataclass(frozen=True)
+class ObjectRelation:
+    """A relation between the world's objects (a country's common language, ...), derived from the person
+    facts rather than drawn: the object of ``domain``-object ``x`` is the most common ``via`` object among
+    the people whose ``domain`` object is ``x`` (ties: the ``via`` relation's object order). The world model
+    is never trained on these facts; they exist to chain two hops (person -> object -> object), as
+    MQuAKE's multi-hop questions do. Templates and questions use only words the world tokenizer knows."""
+
+    relation_id: str
+    name: str
+    domain: str
+    via: str
+    templates: tuple[str, ...]
+    questions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Two hops: a person relation, then an object relation over its objects; ``questions`` ask the
+    second hop's object of the person in one question (``{}`` = the person)."""
+
+    first: str
+    second: str
+    questions: tuple[str, ...]
+
+
+OBJECT_RELATIONS: tuple[ObjectRelation, ...] = (
+    ObjectRelation("P37", "common language", domain="P27", via="P103",
+                   templates=("The common language of {} is",), questions=("Which language is common in {}?",)),
+    ObjectRelation("P17", "country", domain="P19", via="P27",
+                   templates=("{} is a town in",), questions=("Which country is {} in?",)),
+    ObjectRelation("P159", "town of the company", domain="P108", via="P19",
+                   templates=("{} is a company in",), questions=("In which town is {}?",)),
+)
+
+CHAINS: tuple[Chain, ...] = (
+    Chain("P27", "P37", ("What is the common language of the country {} is a citizen of?",
+                         "Which language is common in the country of citizenship of {}?",
+                         "In the country {} holds a passport from, which language is common?")),
+    Chain("P19", "P17", ("Which country is the town where {} was born in?",
+                         "In which country is the birthplace of {}?",
+                         "{} was born in a town in which country?")),
+    Chain("P108", "P159", ("In which town is the company that employs {}?",
+                           "Which town is the employer of {} in?",
+                           "The company that employs {} is in which town?")),
+)
+
+
+def derived_facts(world: World, relation: ObjectRelation) -> dict[str, str]:
+    """``relation``'s object for every ``domain`` object some person has (see :class:`ObjectRelation`)."""
+    order = world.relations[relation.via].objects
+    counts: dict[str, dict[str, int]] = {}
+    for fact in world.facts:
+        if fact.relation_id == relation.domain:
+            votes = counts.setdefault(fact.object, {})
+            via = world.fact(fact.subject, relation.via).object
+            votes[via] = votes.get(via, 0) + 1
+    return {x: max(votes, key=lambda o: (votes[o], -order.index(o))) for x, votes in counts.items()}
+
+
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
 _CODAS = ("", "n", "r", "l", "s", "th", "k", "nd", "rn")

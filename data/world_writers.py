@@ -14,8 +14,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-from data.world import Fact, World
+from data.world import CHAINS, OBJECT_RELATIONS, Fact, World, derived_facts
 from lit_common.sources import WORLD_FILES
+
+MQUAKE_CASES = 120  # 40 per chain; at most one case per two people (each case edits or asks about one person)
 
 
 def _object_id(world: World, relation_id: str, obj: str) -> str:
@@ -163,6 +165,94 @@ def task_qa_records(world: World, calibration_fraction: float = 0.75, seed: int 
     return records
 
 
+def _aliases(obj: str) -> list[str]:
+    """Answer aliases, as MQuAKE lists them: the name without its article ("Tessel Isles")."""
+    return [obj[len("the "):]] if obj.startswith("the ") else []
+
+
+def _hop(question: str, cloze: str, answer: str) -> dict[str, Any]:
+    return {"question": question, "cloze": cloze, "answer": answer, "answer_alias": _aliases(answer)}
+
+
+def _rewrite(world: World, template: str, question: str, subject: str, relation_id: str, new_and_true: tuple[str, str],
+             objects_of: str) -> dict[str, Any]:
+    """One MQuAKE ``requested_rewrite`` entry; object ids are those of ``objects_of``'s objects."""
+    new, true = new_and_true
+    return {"prompt": template, "relation_id": relation_id,
+            "target_new": {"str": new, "id": _object_id(world, objects_of, new)},
+            "target_true": {"str": true, "id": _object_id(world, objects_of, true)},
+            "subject": subject, "question": question.format(subject)}
+
+
+def mquake_records(world: World, count: int, seed: int = 3) -> list[dict[str, Any]]:
+    """MQuAKE-CF records over two-hop chains (``data.world.CHAINS``): person -r1-> x -r2-> y, where r2 is
+    an object relation derived from the person facts (``data.world.OBJECT_RELATIONS``).
+
+    Cases alternate between editing both hops (the person's x, then the new x's y: two rewrites, as
+    MQuAKE's case 1) and editing the second hop only (the person's true x, a fact the world model knows).
+    Every second hop is an edit because the world model never learned the derived facts, so every single
+    hop of every case is a fact the edited model either knew or was taught. Each person is edited once, and
+    an object fact edited by several cases is edited to the same new object each time (shared edits, as in
+    MQuAKE-CF-3k-v2), so the whole file can be edited in one run without conflicting edits.
+    """
+    rng = random.Random(seed)
+    object_relations = {r.relation_id: r for r in OBJECT_RELATIONS}
+    chains = [c for c in CHAINS if {c.first, object_relations[c.second].via} <= set(world.relations)]
+    if not chains:
+        return []  # a world built without the chains' relations has no MQuAKE cases
+    derived = {c.second: derived_facts(world, object_relations[c.second]) for c in chains}
+    shared: dict[tuple[str, str], str] = {}  # (x, r2) -> its new object, once some case has edited it
+    people = list(world.subjects)
+    rng.shuffle(people)
+    records = []
+    for case_id in range(count):
+        chain = chains[case_id % len(chains)]
+        first, second = world.relations[chain.first], object_relations[chain.second]
+        edit_first = case_id % 2 == 0
+        for person in people:  # the first person (not yet edited) for whom the chain's answer can change
+            true_x = world.fact(person, chain.first).object
+            xs = [o for o in first.objects if o != true_x and o in derived[second.relation_id]] if edit_first else [true_x]
+            if not xs:
+                continue
+            x = rng.choice(xs)
+            old_answer = derived[second.relation_id][true_x]
+            candidates = [o for o in world.relations[second.via].objects
+                          if o not in (old_answer, derived[second.relation_id][x])]
+            new_answer = shared.get((x, second.relation_id)) or rng.choice(candidates)
+            if new_answer != old_answer:
+                break
+        else:
+            raise ValueError(f"the world has no person left for MQuAKE case {case_id}")
+        people.remove(person)
+        shared[(x, second.relation_id)] = new_answer
+
+        first_template, first_question = rng.choice(first.templates), first.questions[0]
+        second_template, second_question = second.templates[0], second.questions[0]
+        rewrites = [_rewrite(world, first_template, first_question, person, chain.first, (x, true_x), chain.first)
+                    ] if edit_first else []
+        rewrites.append(_rewrite(world, second_template, second_question, x, second.relation_id,
+                                 (new_answer, derived[second.relation_id][x]), second.via))
+        old_hops = [_hop(first_question.format(person), first_template.format(person), true_x),
+                    _hop(second_question.format(true_x), second_template.format(true_x), old_answer)]
+        new_hops = [_hop(first_question.format(person), first_template.format(person), x),
+                    _hop(second_question.format(x), second_template.format(x), new_answer)]
+        labeled = [[person, first.name, true_x], [true_x, second.name, old_answer]]
+        new_labeled = [[person, first.name, x], [x, second.name, new_answer]]
+        records.append({
+            "case_id": case_id,
+            "requested_rewrite": rewrites,
+            "questions": [q.format(person) for q in chain.questions],
+            "answer": old_answer,
+            "answer_alias": _aliases(old_answer),
+            "new_answer": new_answer,
+            "new_answer_alias": _aliases(new_answer),
+            "single_hops": old_hops,
+            "new_single_hops": new_hops,
+            "orig": {"triples_labeled": labeled, "new_triples_labeled": new_labeled},
+        })
+    return records
+
+
 def write_world_files(world: World, out_dir: Path, num_edits: int = 200) -> dict[str, Path]:
     """Write every benchmark file of the world to ``out_dir`` (atomically per file)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -172,6 +262,8 @@ def write_world_files(world: World, out_dir: Path, num_edits: int = 200) -> dict
         "code_update": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in code_update_records(world)),
         "task_qa": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in task_qa_records(world)),
         "corpus": "".join(text + "\n" for text in world.pretraining_texts()),
+        "mquake": json.dumps(mquake_records(world, min(MQUAKE_CASES, len(world.subjects) // 2)), indent=1,
+                             ensure_ascii=False),
     }
     paths = {}
     for key, text in contents.items():

@@ -39,6 +39,7 @@ WORLD_FILES = {
     "code_update": "code_updates.jsonl",
     "task_qa": "task_qa.jsonl",
     "corpus": "corpus.txt",
+    "mquake": "mquake.json",
 }
 WORLD_SOURCES = {"model": MODEL_DIR, **{key: WORLD_DIR / name for key, name in WORLD_FILES.items()}}
 

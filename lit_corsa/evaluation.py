@@ -9,7 +9,7 @@ comparison; mean-token vs summed log-probs; generation greedy vs sampled).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,10 +21,12 @@ from data.formats import PROBE_GROUPS, PROBE_KINDS, Probe, ProgramTest
 from lit_common.tokenization import IGNORE_INDEX, pad_token_id
 from lit_corsa.losses import sequence_logprobs, token_counts
 from lit_corsa.metrics import (
+    CaseAccuracy,
     GenerationMatch,
     PassAtK,
     ProbabilityComparison,
     TokenAccuracy,
+    answer_matches,
 )
 from lit_corsa.sandbox import DEFAULT_MEMORY_MB, run_solution
 from lit_corsa.seeding import seeded
@@ -33,7 +35,10 @@ from lit_corsa.settings import EvaluationSettings
 # every benchmark sub-kind's own metric (e.g. portability_reasoning_token_acc): its kind's token accuracy
 # over its probes only
 GROUP_METRICS = {(kind, group): f"{kind}_{group}_token_acc"
-                 for kind, groups in PROBE_GROUPS.items() for group in groups if group}
+                 for kind in ("portability", "locality") for group in PROBE_GROUPS[kind] if group}
+# MQuAKE's accuracies: each hop group's metric and how a case's probes count (metrics.CaseAccuracy)
+CASE_METRICS = {"edit": ("edit_wise_acc", "each"), "single_hop": ("instance_wise_acc", "all"),
+                "multi_hop": ("multi_hop_acc", "any")}
 
 PROTOCOLS = {
     "ES": "efficacy: fraction of edit prompts with mean-token log p(new) > log p(old) (ROME), teacher-forced",
@@ -56,6 +61,14 @@ PROTOCOLS = {
               "the longest reference body of its batch",
     **{name: f"{kind}_token_acc over the {group} probes only (a {kind} sub-kind of KnowEdit or EasyEdit)"
        for (kind, group), name in GROUP_METRICS.items()},
+    "edit_wise_acc": "MQuAKE edit-wise accuracy: fraction of rewrites whose own prompt's greedy generation gives the "
+                     "new object (first line, ignoring case, equal to it or beginning with it then a non-word "
+                     "character); MQuAKE's probes are generated even with model.evaluation.generation off",
+    "instance_wise_acc": "MQuAKE instance-wise accuracy: fraction of cases where the greedy generation of every "
+                         "new_single_hops question gives its answer or an alias (the same match)",
+    "multi_hop_acc": "MQuAKE multi-hop accuracy: fraction of cases where the greedy generation of any of its "
+                     "questions gives new_answer or an alias (the same match, case-insensitive as in "
+                     "MQuAKE-Remastered)",
 }
 
 
@@ -67,6 +80,7 @@ _BY_KIND = {
     "locality": ("locality_token_acc",),
     "portability": ("portability_token_acc", "portability_gen"),
     "program": ("pass@k",),
+    "hop": (),  # its group's CASE_METRICS entry
 }
 _COMPARISONS = {"ES", "PS", "NS"}
 
@@ -75,7 +89,9 @@ def metric_names(probes: Iterable[Probe], generation: bool) -> set[str]:
     """The metrics a set of probes can be scored on (the same on every rank, since data is global)."""
     names = set()
     for probe in probes:
-        if probe.group:
+        if probe.kind == "hop":
+            names.add(CASE_METRICS[probe.group][0])
+        elif probe.group:
             names.add(GROUP_METRICS[probe.kind, probe.group])
         for name in _BY_KIND[probe.kind]:
             if name in _COMPARISONS and probe.contrast is None:
@@ -129,6 +145,7 @@ class ProbeEvaluator(nn.Module):
             "generality_gen": GenerationMatch(), "portability_token_acc": TokenAccuracy(),
             "portability_gen": GenerationMatch(), "pass@k": PassAtK(self.pass_k),
             **{name: TokenAccuracy() for name in GROUP_METRICS.values()},
+            **{name: CaseAccuracy(rule) for name, rule in CASE_METRICS.values()},
         })
 
     def reset(self) -> None:
@@ -202,8 +219,7 @@ class ProbeEvaluator(nn.Module):
             for (kind, group), name in GROUP_METRICS.items():
                 if kind == "locality":
                     self._update(name, in_group[kind, group], edit_round, target_logits, unchanged)
-        if self.generation:
-            self._score_generations(model, batch, tokenizer, is_kind, edit_round)
+        self._score_generations(model, batch, tokenizer, is_kind, edit_round)
         self._score_programs(model, batch, tokenizer, is_kind["program"], edit_round, seed)
 
     def _generate(self, model: PeftModel, prompt: dict[str, Tensor], tokenizer: PreTrainedTokenizerBase,
@@ -217,7 +233,10 @@ class ProbeEvaluator(nn.Module):
 
     def _score_generations(self, model: PeftModel, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
                            is_kind: dict[str, Tensor], edit_round: Tensor) -> None:
-        index = self._rows_to_run(is_kind["efficacy"] | is_kind["paraphrase"] | is_kind["portability"])
+        """Greedy generations: the ``*_gen`` metrics when ``generation`` is on, and MQuAKE's hop probes always
+        (generation is the only way that benchmark is scored)."""
+        contained = is_kind["efficacy"] | is_kind["paraphrase"] | is_kind["portability"]
+        index = self._rows_to_run(is_kind["hop"] | (contained if self.generation else torch.zeros_like(contained)))
         if index is None:
             return
         prompt = {k: v[index] for k, v in batch["prompt"].items()}
@@ -225,12 +244,25 @@ class ProbeEvaluator(nn.Module):
         generations = [""] * len(batch["probes"])
         for row, text in zip(index.tolist(), texts):
             generations[row] = text
+        self._score_hops(batch["probes"], generations, is_kind["hop"], edit_round)
+        if not self.generation:
+            return
         # whitespace-insensitive: tokenizers differ in how they space decoded text ("math . comb ( n )")
         generations = ["".join(text.split()) for text in generations]
         answers = ["".join(p.target.split()) for p in batch["probes"]]
         self._update("reliability_gen", is_kind["efficacy"], edit_round, generations, answers)
         self._update("generality_gen", is_kind["paraphrase"], edit_round, generations, answers)
         self._update("portability_gen", is_kind["portability"], edit_round, generations, answers)
+
+    def _score_hops(self, probes: Sequence[Probe], generations: list[str], is_hop: Tensor, edit_round: Tensor) -> None:
+        """Each hop probe's hit (its generation gives its answer or an alias) into its group's case metric."""
+        device = is_hop.device
+        hits = torch.tensor([p.kind == "hop" and answer_matches(text, (p.target, *p.aliases))
+                             for p, text in zip(probes, generations)], device=device)
+        cases = torch.tensor([p.case if p.case is not None else -1 for p in probes], device=device)
+        for group, (name, _) in CASE_METRICS.items():
+            in_group = is_hop & torch.tensor([p.group == group for p in probes], device=device)
+            self._update(name, in_group, edit_round, cases, hits)
 
     def _code_budget(self, batch: dict[str, Any], index: Tensor) -> int:
         """New tokens a sampled solution may take: ``code_max_new_tokens``, else twice the longest reference

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 
 class _FractionMetric(Metric):
@@ -92,6 +93,63 @@ class GenerationMatch(_FractionMetric):
             hits += answer in generation.lower()
         self.numerator += hits
         self.denominator += len(answers)
+
+
+def answer_matches(generation: str, answers: Sequence[str]) -> bool:
+    """MQuAKE's answer check on a greedy generation: its first line, stripped, is one of ``answers`` (the
+    answer and its aliases), ignoring case as MQuAKE-Remastered does, or begins with one followed by a
+    non-word character (a base model continues past the answer: "united kingdom ." answers "United
+    Kingdom", "ukraine" does not answer "UK"). Runs of whitespace count as one space."""
+    def normal(text: str) -> str:
+        return " ".join(text.split()).lower()
+
+    said = normal(generation.strip().split("\n", 1)[0]) if generation.strip() else ""
+    for answer in map(normal, answers):
+        if not answer:
+            raise ValueError("empty expected answer: a prefix match would be vacuous")
+        if said == answer or (said.startswith(answer) and not said[len(answer)].isalnum()):
+            return True
+    return False
+
+
+class CaseAccuracy(Metric):
+    """The fraction of cases whose probes' hits satisfy ``rule``: ``"all"`` (MQuAKE's instance-wise
+    accuracy: every single hop answered), ``"any"`` (multi-hop accuracy: any of the case's questions
+    answered) or ``"each"`` (every probe is a case of its own: edit-wise accuracy).
+
+    The states are the (case, hit) pairs themselves, gathered over ranks (``dist_reduce_fx="cat"``), since a
+    case's probes may be scored on different ranks; a probe scored twice (a padded distributed batch) does
+    not change whether its case counts under ``all`` or ``any``.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    RULES = ("all", "any", "each")
+
+    def __init__(self, rule: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if rule not in self.RULES:
+            raise ValueError(f"rule must be one of {self.RULES}, got {rule!r}")
+        self.rule = rule
+        self.add_state("cases", default=[], dist_reduce_fx="cat")
+        self.add_state("hits", default=[], dist_reduce_fx="cat")
+
+    def update(self, cases: Tensor, hits: Tensor) -> None:
+        if cases.shape != hits.shape:
+            raise ValueError(f"{cases.numel()} case ids but {hits.numel()} hits")
+        self.cases.append(cases.reshape(-1).long())
+        self.hits.append(hits.reshape(-1).bool())
+
+    def compute(self) -> Tensor:
+        cases, hits = dim_zero_cat(self.cases), dim_zero_cat(self.hits).double()
+        if self.rule == "each":
+            return hits.mean()
+        ids, which = torch.unique(cases, return_inverse=True)
+        reduce = "amin" if self.rule == "all" else "amax"
+        per_case = torch.zeros(len(ids), dtype=torch.float64, device=hits.device).scatter_reduce(
+            0, which, hits, reduce, include_self=False)
+        return per_case.mean()
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

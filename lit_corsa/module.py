@@ -31,6 +31,8 @@ Around that:
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -187,13 +189,15 @@ class EditModule(L.LightningModule):
         optimizer = torch.optim.AdamW(self.trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         # from the data alone (not from max_epochs), so a run stopped early schedules like a full one
         steps_per_round = self.datamodule.optimizer_steps_per_round(self.trainer.world_size, settings.accumulate)
-        warmup = min(settings.warmup_steps, steps_per_round)
+        starts = list(itertools.accumulate(steps_per_round, initial=0))
 
         def factor(step: int) -> float:  # warm-up then linear decay, restarted every round
-            in_round = step % steps_per_round
+            k = min(bisect.bisect_right(starts, step), len(steps_per_round)) - 1
+            in_round, length = step - starts[k], steps_per_round[k]
+            warmup = min(settings.warmup_steps, length)
             if in_round < warmup:
                 return (in_round + 1) / warmup
-            return max(0.0, (steps_per_round - in_round) / max(1, steps_per_round - warmup))
+            return max(0.0, (length - in_round) / max(1, length - warmup))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
