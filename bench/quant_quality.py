@@ -74,9 +74,18 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "gptq+random": ({"saliency": "random"}, "task"),
     "tacq": ({"saliency": "tacq"}, "task"),
     "tacq_general": ({"saliency": "tacq"}, "general"),
+    # SpQR (lit_tacq/spqr.py): β1 = β2 = 16, 3-bit statistics, its own outliers, p of each layer
+    "spqr": ({"saliency": "none", "quantizer": "spqr", "group_size": 16}, "task"),
+    # SliM-LLM (lit_tacq/slim_llm.py): bits - 1 / bits / bits + 1 per column group. Groups of 128 as in the paper leave
+    # the world model's 64-wide layers one group each (only the 256-wide down projections can mix); groups of 32 let
+    # every layer mix, at 1 bit/weight of grids
+    "slim_llm": ({"saliency": "none", "quantizer": "slim_llm", "group_size": 128}, "task"),
+    "slim_llm_g32": ({"saliency": "none", "quantizer": "slim_llm", "group_size": 32}, "task"),
     "ablation |g|*|dW|": ({"saliency": "grad_delta"}, "task"),
     "ablation |W|*|g|": ({"saliency": "weight_grad"}, "task"),
 }
+# methods defined at some bit widths only: SliM-LLM needs bits - 1 and bits + 1 to be packable widths
+METHOD_BITS: dict[str, tuple[int, ...]] = {"slim_llm": (2, 3), "slim_llm_g32": (2, 3)}
 
 TABLE_NOTE = ("calib s: the product's calibration epoch, one backward pass per example, which it runs for every "
               "row, also where the saliency reads no gradient; quant s: the pipeline's stages (reference pass, mask, "
@@ -322,7 +331,8 @@ def verdicts(fp: dict[str, float], rows: list[dict[str, Any]], n_facts: int) -> 
         if bits == 3:
             line += f"; target >= 95 % at ~3.1 bits: {'met' if share >= 0.95 else 'NOT met'}"
         notes.append(line)
-        for rival in ("gptq", "rtn", "gptq_g128", "gptq+magnitude", "gptq+hessian", "gptq+random", "tacq_general"):
+        for rival in ("gptq", "rtn", "gptq_g128", "gptq+magnitude", "gptq+hessian", "gptq+random", "tacq_general",
+                      "spqr", "slim_llm", "slim_llm_g32"):
             other = by.get((rival, bits))
             if other is not None:
                 delta = tacq["accuracy"] - other["accuracy"]
@@ -363,10 +373,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def jobs_of(args: argparse.Namespace, data: dict[str, dict[str, Any]]) -> list[Job]:
-    """Every (method, bits) row in order, then NF4 (4 bits only)."""
+    """Every (method, bits) row in order, then NF4 (4 bits only); a method at a width it is not defined for is left
+    out, with a line saying so."""
     jobs = []
     for bits in args.bits:
         for method in (m for m in args.methods if m != NF4):
+            if bits not in METHOD_BITS.get(method, (bits,)):
+                print(f"{method}: no {bits}-bit row (defined at {METHOD_BITS[method]} bits)")
+                continue
             overrides, mode = METHODS[method]
             settings = QuantSettings(bits=bits, fraction=args.fraction, seed=args.seed, **overrides)
             jobs.append(Job(method, bits, settings, data[mode], args.model, args.threads, args.seed))

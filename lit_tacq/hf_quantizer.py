@@ -7,7 +7,9 @@ Plugged in through transformers' own extension points, the way GPTQ, AWQ, HQQ an
 measured bits per weight, and every packed Linear with its shapes, bits, group size, number of kept weights
 and dtypes. Before the weights load, :class:`TaCQHfQuantizer` checks that manifest and every safetensors
 header against the model it describes (``lit_tacq.manifest``; nothing is allocated yet) and swaps the
-listed Linears for empty QuantLinear shells; once loaded it checks the kept-weight positions. Only packed
+listed Linears for empty QuantLinear shells (MixedQuantLinear for ``kind: "mixed"`` entries: a bit width per column
+group, SpQRLinear for ``kind: "spqr"``: quantized group statistics); once loaded it checks the kept-weight
+positions and the mixed layers' width maps and decodes the SpQR layers' statistics. Only packed
 models load (``requires_calibration``): quantizing happens in ``quantize.py``. ``save_pretrained`` writes
 the same directory back.
 """
@@ -16,10 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers import (
+    HfQuantizer,
+    register_quantization_config,
+    register_quantizer,
+)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from lit_tacq.manifest import check_manifest, check_outlier_positions, check_stored_tensors, swap_in_shells
+from lit_tacq.manifest import (
+    check_group_bits,
+    check_manifest,
+    check_outlier_positions,
+    check_stored_tensors,
+    decode_statistics,
+    swap_in_shells,
+)
 from lit_tacq.qlinear import quantized_modules
 
 QUANT_METHOD = "lit_tacq"
@@ -79,7 +92,10 @@ class TaCQHfQuantizer(HfQuantizer):
         self._files = files
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> None:
-        check_outlier_positions(self._files, quantized_modules(model))
+        modules = quantized_modules(model)
+        check_outlier_positions(self._files, modules)
+        check_group_bits(self._files, modules)
+        decode_statistics(self._files, modules)
 
     def is_serializable(self) -> bool:
         return True

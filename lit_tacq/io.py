@@ -24,13 +24,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lit_tacq.hf_quantizer import FORMAT, FORMAT_VERSION, QUANT_METHOD, TaCQConfig
-from lit_tacq.qlinear import FORMAT_BUFFERS, QuantLinear, quantized_modules
+from lit_tacq.manifest import stored_buffers
+from lit_tacq.mixed_linear import MixedQuantLinear
+from lit_tacq.qlinear import QuantLinear, SpQRLinear, quantized_modules
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "accounted_bits_per_weight", "load_quantized", "measured_bits_per_weight",
            "quantized_modules", "save_quantized", "weight_files"]
 
 
-_DTYPE_BYTES = {"I32": 4, "I16": 2, "F16": 2, "BF16": 2, "F32": 4}
+_DTYPE_BYTES = {"I32": 4, "I16": 2, "F16": 2, "BF16": 2, "F32": 4, "U8": 1}
 
 
 def weight_files(directory: str | Path) -> list[Path]:
@@ -46,7 +48,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _module_entry(module: QuantLinear) -> dict[str, Any]:
+def _module_entry(module: QuantLinear | MixedQuantLinear) -> dict[str, Any]:
+    if isinstance(module, (MixedQuantLinear, SpQRLinear)):
+        return module.manifest_entry()
     return {
         "in_features": module.in_features,
         "out_features": module.out_features,
@@ -71,7 +75,7 @@ def measured_bits_per_weight(source: nn.Module | str | Path) -> float:
     else:
         directory = Path(source)
         entries = json.loads((directory / "config.json").read_text())["quantization_config"]["modules"]
-        wanted = {f"{name}.{buffer}" for name in entries for buffer in FORMAT_BUFFERS}
+        wanted = {f"{name}.{buffer}" for name, entry in entries.items() for buffer in stored_buffers(entry)}
         n_bytes = 0
         for weights in weight_files(directory):
             with safe_open(str(weights), framework="pt") as f:
@@ -87,15 +91,14 @@ def measured_bits_per_weight(source: nn.Module | str | Path) -> float:
 def accounted_bits_per_weight(model: nn.Module) -> float:
     """Spec §2's accounting over the model's QuantLinear layers: b bits per code, 32 bits per kept weight
     (16 value + 16 index) and 32 bits of fp16 scale + zero per row or group. The stored bytes differ only
-    by code padding to 32 codes per row (or group) and by filler entries (see ``packing.SparseOutliers``)."""
+    by code padding to 32 codes per row (or group) and by filler entries (see ``packing.SparseOutliers``).
+    A mixed-precision layer counts its own codes, grids and width map (``MixedQuantLinear.accounted_bits``), an
+    SpQR layer its quantized statistics (``SpQRLinear.accounted_bits``)."""
     modules = quantized_modules(model).values()
     n_weights = sum(m.in_features * m.out_features for m in modules)
     if n_weights == 0:
         raise ValueError("no quantized Linear layers found")
-    bits = sum(
-        m.bits * m.in_features * m.out_features + 32 * m.outliers.kept() + 32 * m.scale.numel()
-        for m in modules
-    )
+    bits = sum(m.accounted_bits() for m in modules)
     return bits / n_weights
 
 
@@ -114,7 +117,8 @@ def quantization_config(model: nn.Module, extra: dict[str, Any] | None = None) -
         modules={name: _module_entry(m) for name, m in modules.items()},
         bits=_setting({m.bits for m in modules.values()}),
         group_size=_setting({m.group_size for m in modules.values()}),
-        kept_fraction=sum(m.outliers.kept() for m in modules.values()) / n_weights,
+        kept_fraction=sum(0 if isinstance(m, MixedQuantLinear) else m.outliers.kept()  # mixed layers keep none
+                          for m in modules.values()) / n_weights,
         bits_per_weight=measured_bits_per_weight(model),
         extra=extra or {},
     )

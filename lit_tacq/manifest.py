@@ -9,24 +9,36 @@ them silently (kept weights into ``int8``). So (the quantizer in hf_quantizer.py
 safetensors headers list with it (known name, shape, the exact dtypes of the packed buffers) and names any
 tensor the files lack (a truncated or unreadable file is named too); (3) ``check_outlier_positions`` runs once
 the buffers are loaded, so a kept-weight position past the end of its matrix fails at load time, not at
-generate time. Every error names the file, the layer and the field.
+generate time; so does ``check_group_bits``, for a mixed-precision layer's stored width map (``kind: "mixed"``
+entries, mixed_linear.py: one bit width per column group, stored as one packed part per width). ``kind: "spqr"``
+entries (``kind_version`` 1, qlinear.SpQRLinear) store quantized group statistics; ``decode_statistics`` decodes
+them once loaded and refuses non-finite or negative ones. Every error names the file, the layer and the field.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from lit_tacq.packing import OUTLIER_DTYPES, SUPPORTED_BITS
-from lit_tacq.qlinear import FORMAT_BUFFERS, QuantLinear
+from lit_tacq import mixed_linear
+from lit_tacq.mixed_linear import MixedQuantLinear
+from lit_tacq.packing import CODE_BITS, OUTLIER_DTYPES, SUPPORTED_BITS
+from lit_tacq.qlinear import (
+    FORMAT_BUFFERS,
+    SPQR_KIND,
+    SPQR_VERSION,
+    QuantLinear,
+    SpQRLinear,
+)
+from lit_tacq.quantizer import n_groups
 
 MANIFEST_FIELDS = ("quant_method", "format", "format_version", "bits", "group_size", "kept_fraction",
                    "bits_per_weight", "modules", "extra")
-SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "int16": "I16"}
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "int16": "I16",
+                      "uint8": "U8"}
 
 
 def _is_int(value: Any) -> bool:
@@ -37,6 +49,10 @@ def _module_problems(entry: Any) -> list[str]:
     """What is wrong with one module's entry, as ``field value, expected ...`` phrases."""
     if not isinstance(entry, dict):
         return [f"entry {entry!r}, expected an object"]
+    if entry.get("kind") == SPQR_KIND:
+        return _spqr_problems(entry)
+    if "kind" in entry:
+        return _mixed_problems(entry)
     rules = {
         "in_features": (_is_int(entry.get("in_features")) and entry["in_features"] > 0, "a positive integer"),
         "out_features": (_is_int(entry.get("out_features")) and entry["out_features"] > 0, "a positive integer"),
@@ -52,6 +68,61 @@ def _module_problems(entry: Any) -> list[str]:
                 for name, (ok, expected) in rules.items() if not ok]
     problems += [f"unknown field {name!r}" for name in sorted(set(entry) - set(rules))]
     return problems
+
+
+def _spqr_problems(entry: dict[str, Any]) -> list[str]:
+    """:func:`_module_problems` of an SpQR layer's entry (``kind: "spqr"``, ``qlinear.SpQRLinear``): a plain layer's
+    fields, column groups, and how its statistics are stored."""
+    own = ("kind", "kind_version", "stat_bits", "stat_group_size")
+    if entry.get("kind_version") != SPQR_VERSION:
+        return [f"kind {SPQR_KIND!r} v{entry.get('kind_version')!r}, this version of lit_tacq reads v{SPQR_VERSION} "
+                "(re-export the model with it)"]
+    rules = {
+        "group_size": (_is_int(entry.get("group_size")), "a positive integer (SpQR's column groups)"),
+        "stat_bits": (_is_int(entry.get("stat_bits")) and entry["stat_bits"] in SUPPORTED_BITS,
+                      f"one of {SUPPORTED_BITS}"),
+        "stat_group_size": (_is_int(entry.get("stat_group_size")) and entry["stat_group_size"] > 0,
+                            "a positive integer"),
+    }
+    problems = _module_problems({key: value for key, value in entry.items() if key not in own})
+    return problems + [f"{name} {entry[name]!r}, expected {expected}" if name in entry else f"{name} missing"
+                       for name, (ok, expected) in rules.items() if not ok]
+
+
+def _mixed_problems(entry: dict[str, Any]) -> list[str]:
+    """:func:`_module_problems` of a mixed-precision layer's entry (``kind: "mixed"``, ``mixed_linear.py``)."""
+    sizes_ok = all(_is_int(entry.get(name)) and entry[name] > 0 for name in ("in_features", "group_size"))
+    groups = n_groups(entry["in_features"], entry["group_size"]) if sizes_ok else None
+    widths = entry.get("group_bits")
+    rules = {
+        "kind": (entry.get("kind") == mixed_linear.KIND,
+                 f"{mixed_linear.KIND!r} or {SPQR_KIND!r} (or none: one bit width per layer)"),
+        "in_features": (_is_int(entry.get("in_features")) and entry["in_features"] > 0, "a positive integer"),
+        "out_features": (_is_int(entry.get("out_features")) and entry["out_features"] > 0, "a positive integer"),
+        "group_size": (_is_int(entry.get("group_size")) and entry["group_size"] > 0, "a positive integer"),
+        "group_bits": (isinstance(widths, list) and all(_is_int(b) and b in CODE_BITS for b in widths)
+                       and (groups is None or len(widths) == groups),
+                       (f"a list of one width from {CODE_BITS} per column group"
+                        + (f" ({groups} groups)" if groups is not None else ""))),
+        "dtype": (isinstance(entry.get("dtype"), str) and entry["dtype"] in OUTLIER_DTYPES,
+                  f"one of {sorted(OUTLIER_DTYPES)}"),
+        "bias": (isinstance(entry.get("bias"), bool), "true or false"),
+    }
+    problems = [f"{name} {entry[name]!r}, expected {expected}" if name in entry else f"{name} missing"
+                for name, (ok, expected) in rules.items() if not ok]
+    problems += [f"unknown field {name!r}" for name in sorted(set(entry) - set(rules))]
+    return problems
+
+
+def stored_buffers(entry: dict[str, Any]) -> tuple[str, ...]:
+    """The packed buffers a (checked) manifest entry's layer stores, by name relative to the layer, bias excluded."""
+    if entry.get("kind") == SPQR_KIND:
+        return SpQRLinear.format_buffers
+    if entry.get("kind") == mixed_linear.KIND:
+        parts = [f"parts.{mixed_linear.part_key(bits)}.{buffer}" for bits in sorted(set(entry["group_bits"]))
+                 for buffer in FORMAT_BUFFERS]
+        return ("group_bits", *parts)
+    return FORMAT_BUFFERS
 
 
 def check_manifest(meta: Any, source: Path, format_name: str, format_version: int) -> dict[str, Any]:
@@ -79,8 +150,12 @@ def check_manifest(meta: Any, source: Path, format_name: str, format_version: in
     return meta
 
 
-def quant_shell(entry: dict[str, Any], device: Any) -> QuantLinear:
-    """An empty QuantLinear of a (checked) manifest entry's shapes and dtypes."""
+def quant_shell(entry: dict[str, Any], device: Any) -> QuantLinear | MixedQuantLinear:
+    """An empty packed layer of a (checked) manifest entry's kind, shapes and dtypes."""
+    if entry.get("kind") == mixed_linear.KIND:
+        return MixedQuantLinear.shell(entry, device)
+    if entry.get("kind") == SPQR_KIND:
+        return SpQRLinear.shell(entry, device)
     return QuantLinear(entry["in_features"], entry["out_features"], entry["bits"], entry["group_size"],
                        nnz=entry["nnz"], bias=entry["bias"], dtype=OUTLIER_DTYPES[entry["outlier_dtype"]],
                        device=device)
@@ -120,7 +195,7 @@ def check_stored_tensors(files: list[Path], model: nn.Module, modules: dict[str,
     tensor of the model that no file holds (tied copies excepted), since a lenient loader would leave it
     at its random initial values."""
     expected = model.state_dict()
-    packed = {f"{name}.{buffer}" for name in modules for buffer in (*FORMAT_BUFFERS, "bias")}
+    packed = {f"{name}.{buffer}" for name, entry in modules.items() for buffer in (*stored_buffers(entry), "bias")}
     problems, stored = [], set()
     for weights in files:
         for key, (shape, dtype) in _headers(weights).items():
@@ -144,7 +219,7 @@ def check_stored_tensors(files: list[Path], model: nn.Module, modules: dict[str,
 def check_outlier_positions(files: list[Path], modules: dict[str, QuantLinear]) -> None:
     """Every kept-weight position inside its matrix (positions only grow, so the last one decides)."""
     for name, module in modules.items():
-        if module.outlier_gaps.numel() == 0:
+        if not isinstance(module, QuantLinear) or module.outlier_gaps.numel() == 0:  # mixed layers' parts keep none
             continue
         last = int(module.outliers.positions()[-1])
         size = module.out_features * module.in_features
@@ -152,3 +227,24 @@ def check_outlier_positions(files: list[Path], modules: dict[str, QuantLinear]) 
             where = files[0].parent if files else "the loaded model"
             raise ValueError(f"{where}: {name}.outlier_gaps: kept positions reach {last}, beyond the "
                              f"{module.out_features} x {module.in_features} = {size} weights of the layer")
+
+
+def check_group_bits(files: list[Path], modules: dict[str, Any]) -> None:
+    """Every mixed-precision layer's stored width map equal to the manifest's its shell was built from (the parts'
+    shapes follow from it, and the forward reads the columns it names)."""
+    where = files[0].parent if files else "the loaded model"
+    for name, module in modules.items():
+        if isinstance(module, MixedQuantLinear):
+            module.check_group_bits(f"{where}: {name}")
+
+
+def decode_statistics(files: list[Path], modules: dict[str, Any]) -> None:
+    """Every SpQR layer's fp16 grids decoded from its stored statistics (``SpQRLinear.decode_statistics``), which
+    must be finite and non-negative."""
+    where = files[0].parent if files else "the loaded model"
+    for name, module in modules.items():
+        if isinstance(module, SpQRLinear):
+            try:
+                module.decode_statistics()
+            except ValueError as err:
+                raise ValueError(f"{where}: {name}.{err}") from err

@@ -16,7 +16,10 @@ from torch import Tensor
 if sys.byteorder != "little":  # unpack_codes reads int32 words as bytes
     raise ImportError("the packed format is defined for little-endian machines")
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)  # what one layer's bits may be
+# what the packer and both kernels take: 1-bit codes occur only in the parts of mixed-precision layers
+# (mixed_linear.py), whose 1-bit groups sit next to wider ones
+CODE_BITS = (1, *SUPPORTED_BITS)
 OUTLIER_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # what kept weights are stored in
 CODES_PER_PERIOD = 32  # 32 codes of b bits fill exactly b int32 words
 _WORD_MASK = 0xFFFFFFFF
@@ -34,8 +37,8 @@ def _lane_layout(bits: int) -> list[tuple[int, int]]:
 
 
 def _check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if bits not in CODE_BITS:
+        raise ValueError(f"bits must be one of {CODE_BITS}, got {bits}")
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
@@ -72,7 +75,8 @@ def unpack_codes(packed: Tensor, bits: int, cols: int) -> Tensor:
     periods = n_words // bits
     if n_words != periods * bits or periods * CODES_PER_PERIOD < cols:
         raise ValueError(f"{n_words} words per row cannot hold {cols} codes of {bits} bits")
-    stream = packed.contiguous().view(torch.uint8)  # [rows, 4 * words] in stream order
+    # [rows, 4 * words] in stream order (through 1-D: a one-word column keeps a stride that forbids the dtype view)
+    stream = packed.contiguous().view(-1).view(torch.uint8).view(rows, -1)
     if bits == 8:
         return stream[:, :cols].clone()
     chunks = stream.view(rows, -1, bits).to(torch.int32)  # 8 codes per chunk of `bits` bytes

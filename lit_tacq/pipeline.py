@@ -48,10 +48,13 @@ from lit_common.layers import (
     require_nn_linear,
 )
 from lit_tacq.gptq import HessianAccumulator, fill_kept, gptq_quantize
-from lit_tacq.packing import OUTLIER_DTYPES, SUPPORTED_BITS
-from lit_tacq.qlinear import QuantLinear
+from lit_tacq.mixed_linear import MixedQuantLinear
+from lit_tacq.packing import CODE_BITS, OUTLIER_DTYPES, SUPPORTED_BITS
+from lit_tacq.qlinear import QuantLinear, SpQRLinear
 from lit_tacq.quantizer import QuantResult, rtn_quantize
 from lit_tacq.saliency import NEEDS, SCORERS, LayerStats, global_topk_mask, score
+from lit_tacq.slim_llm import slim_llm_quantize
+from lit_tacq.spqr import spqr_quantize
 from lit_tacq.workdir import WorkDir, fingerprint
 
 
@@ -71,6 +74,13 @@ class QuantSettings:
     Every field is checked when the settings are made (for the CLI: when the config is parsed, before any
     model is loaded), all at once. ``group_size`` needs no check against the model: any positive size fits
     any layer width, the last group of a row is then narrower (the format and kernel store and decode it).
+    ``quantizer="slim_llm"`` is SliM-LLM (lit_tacq/slim_llm.py): a width of bits - 1, bits or bits + 1 per column
+    group of ``group_size`` (the paper's 128), ``slim_splits`` splits searched, salient weights' errors counted
+    ``salience_weight`` times in the grid search; it stores MixedQuantLinear layers (lit_tacq/mixed_linear.py).
+    ``quantizer="spqr"`` is SpQR (lit_tacq/spqr.py): b-bit grids per ``group_size`` columns (β1, the paper's 16)
+    whose scales are stored as ``stat_bits`` codes on fp16 grids shared by ``stat_group_size`` rows (β2), and
+    16-bit outliers chosen during GPTQ: above the relative ``outlier_threshold`` when set, else ``fraction`` of
+    each layer's weights; it stores SpQRLinear layers (lit_tacq/qlinear.py).
     """
 
     bits: int = 3
@@ -78,13 +88,18 @@ class QuantSettings:
     fraction: float = 0.0035
     saliency: str = "tacq"
     reference: Literal["gptq", "rtn"] = "gptq"
-    quantizer: Literal["gptq", "rtn"] = "gptq"
+    quantizer: Literal["gptq", "rtn", "slim_llm", "spqr"] = "gptq"
     percdamp: float = 0.01
     block_size: int = 128
     act_order: bool = False
     mse: bool = True
     outlier_dtype: Literal["float16", "bfloat16"] = "float16"
     seed: int = 0
+    slim_splits: int = 9
+    salience_weight: float = 2.0
+    stat_bits: int = 3
+    stat_group_size: int = 16
+    outlier_threshold: float | None = None
 
     def __post_init__(self) -> None:
         rules = {
@@ -95,7 +110,20 @@ class QuantSettings:
             "saliency": (isinstance(self.saliency, str) and (self.saliency == "none" or self.saliency in SCORERS),
                          f"'none' or one of {sorted(SCORERS)}"),
             "reference": (self.reference in ("gptq", "rtn"), "'gptq' or 'rtn'"),
-            "quantizer": (self.quantizer in ("gptq", "rtn"), "'gptq' or 'rtn'"),
+            "quantizer": (self.quantizer in ("gptq", "rtn") or (self.quantizer == "slim_llm" and self._slim_llm_fits)
+                          or (self.quantizer == "spqr" and self.group_size is not None and self.saliency == "none"),
+                          f"'gptq', 'rtn', 'slim_llm' or 'spqr' (slim_llm: bits - 1 and bits + 1 in {CODE_BITS}, a "
+                          "group_size and saliency 'none': its groups get bits - 1 / bits / bits + 1 and it keeps no "
+                          "weights; spqr: a group_size, the paper's 16, and saliency 'none': it picks its own "
+                          "outliers during GPTQ)"),
+            "stat_bits": (_is_int(self.stat_bits) and self.stat_bits in SUPPORTED_BITS, f"one of {SUPPORTED_BITS}"),
+            "stat_group_size": (_is_int(self.stat_group_size) and self.stat_group_size > 0, "a positive integer"),
+            "outlier_threshold": (self.outlier_threshold is None or (_is_number(self.outlier_threshold)
+                                                                     and self.outlier_threshold > 0),
+                                  "None (keep `fraction` of each layer) or a positive number (SpQR's relative τ)"),
+            "slim_splits": (_is_int(self.slim_splits) and self.slim_splits > 0, "a positive integer"),
+            "salience_weight": (_is_number(self.salience_weight) and self.salience_weight >= 1,
+                                "a number >= 1 (how much more a salient weight's error counts)"),
             "percdamp": (_is_number(self.percdamp) and 0 < self.percdamp <= 1,
                          "a number in (0, 1]: the damping as a fraction of the mean Hessian diagonal"),
             "block_size": (_is_int(self.block_size) and self.block_size > 0, "a positive integer"),
@@ -110,6 +138,11 @@ class QuantSettings:
                     for name, (ok, expected) in rules.items() if not ok]
         if problems:
             raise ValueError("invalid QuantSettings: " + "; ".join(problems))
+
+    @property
+    def _slim_llm_fits(self) -> bool:
+        return (_is_int(self.bits) and self.bits - 1 in CODE_BITS and self.bits + 1 in CODE_BITS
+                and self.group_size is not None and self.saliency == "none")
 
     @property
     def keeps_outliers(self) -> bool:
@@ -365,6 +398,14 @@ def _restore_finished_blocks(model: nn.Module, work: WorkDir, settings: QuantSet
         buffers = work.final_block(index, _device(model))
         for name, linear in find_linears(block).items():
             own = {key.removeprefix(f"{name}."): t for key, t in buffers.items() if key.startswith(f"{name}.")}
+            if settings.quantizer == "slim_llm":
+                block.set_submodule(name, MixedQuantLinear.from_buffers(own, linear.in_features, settings.group_size))
+                continue
+            if settings.quantizer == "spqr":
+                block.set_submodule(name, SpQRLinear.from_buffers(
+                    own, linear.in_features, settings.bits, settings.group_size, stat_bits=settings.stat_bits,
+                    stat_group_size=settings.stat_group_size))
+                continue
             block.set_submodule(name, QuantLinear.from_buffers(own, linear.in_features, settings.bits,
                                                                settings.group_size))
 
@@ -385,7 +426,7 @@ def quantize_model(
     resumable per block (module docstring); a directory left by another quantization is refused.
     """
     require_nn_linear(decoder_linears(model))
-    if not sequences and (settings.quantizer == "gptq" or settings.keeps_outliers):
+    if not sequences and (settings.quantizer != "rtn" or settings.keeps_outliers):
         raise ValueError("no calibration sequences")
     if settings.needs_gradients:
         _check_gradients(model, grad_abs_sum)
@@ -406,7 +447,7 @@ def quantize_model(
         masks = work.mask(score_device)
     dtype = OUTLIER_DTYPES[settings.outlier_dtype]
 
-    packed: dict[str, QuantLinear] = {}  # of the current block, swapped in when the block is done
+    packed: dict[str, QuantLinear | MixedQuantLinear] = {}  # of the current block, swapped in when it is done
     kept: dict[str, int] = {}
     weights = 0
 
@@ -414,8 +455,20 @@ def quantize_model(
         nonlocal weights
         linear = block.get_submodule(name)
         keep = None if masks is None else masks[full].to(linear.weight.device)
-        result = quantize_weight(linear.weight, H, settings.quantizer, settings, keep)
-        packed[name] = QuantLinear.from_result(result, linear.bias, dtype)
+        if settings.quantizer == "slim_llm":
+            mixed = slim_llm_quantize(linear.weight, H, settings.bits, settings.group_size, settings.percdamp,
+                                      settings.slim_splits, settings.salience_weight)
+            packed[name] = MixedQuantLinear.from_codes(mixed.codes, mixed.scale, mixed.zero, mixed.group_bits,
+                                                       mixed.group_size, linear.bias, dtype)
+        elif settings.quantizer == "spqr":
+            spqr = spqr_quantize(linear.weight, H, settings.bits, settings.group_size, settings.stat_bits,
+                                 settings.stat_group_size, settings.outlier_threshold, settings.fraction,
+                                 settings.percdamp, settings.block_size)
+            packed[name] = SpQRLinear.from_result(spqr, linear.bias, dtype)
+            keep = spqr.quant.keep_mask
+        else:
+            result = quantize_weight(linear.weight, H, settings.quantizer, settings, keep)
+            packed[name] = QuantLinear.from_result(result, linear.bias, dtype)
         # until the swap, the dense layer computes with exactly the stored weights (and is faster than
         # decoding the packed codes at every call of the remaining Hessian and output passes)
         linear.weight.data.copy_(packed[name].dequantize())
@@ -439,7 +492,7 @@ def quantize_model(
 
     start_hidden = work.hidden(_device(model))
     _restore_finished_blocks(model, work, settings)
-    sequential_pass(model, sequences, final_layer, settings.quantizer == "gptq", on_copies=False,
+    sequential_pass(model, sequences, final_layer, settings.quantizer != "rtn", on_copies=False,
                     desc=f"{'masked ' if masks else ''}{settings.quantizer.upper()} {settings.bits}-bit",
                     progress=progress, on_block_end=finish_block, start_block=work.blocks_done,
                     start_hidden=start_hidden)

@@ -155,7 +155,7 @@ def test_settings_and_inputs_are_checked(model, sequences):
     ("fraction", 1.0, r"a number in \[0, 1\)"),
     ("fraction", float("nan"), r"a number in \[0, 1\)"),
     ("reference", "awq", "'gptq' or 'rtn'"),
-    ("quantizer", "nf4", "'gptq' or 'rtn'"),
+    ("quantizer", "nf4", "'gptq', 'rtn', 'slim_llm' or 'spqr'"),
     ("percdamp", 0, r"a number in \(0, 1\]"),
     ("percdamp", -0.01, r"a number in \(0, 1\]"),
     ("percdamp", 1.5, r"a number in \(0, 1\]"),
