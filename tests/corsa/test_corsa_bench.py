@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from bench.edit_quality import main
+from bench.edit_quality import MethodConfig, build, main, parse_args
+from lit_corsa.locate.module import LocateEditModule
+from lit_corsa.locate.settings import LocateSettings
 
 
 @pytest.mark.parametrize("benchmark", ["counterfact", "zsre"])
@@ -23,5 +25,34 @@ def test_bench_runs_and_reports_every_method(benchmark, tmp_path):
     assert table["corsa"]["seconds_per_step"][0] > 0 and "step_vs_lora" in table["corsa"]  # timed, not asserted
     assert ("NS" in table["corsa"]) == (benchmark == "counterfact")  # ZsRE has no neighbourhood score
     rows = [line for line in saved["markdown"].splitlines() if line.startswith(("| unedited", "| lora", "| corsa"))]
-    assert len(rows) == 3 and all(row.count("|") == 13 for row in rows)
+    assert len(rows) == 3 and all(row.count("|") == 14 for row in rows)
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_runs_a_locate_method_as_train_py_does(tmp_path):
+    """MEMIT through the bench: built from its overlay (configs/methods/memit.yaml), one write per round, its
+    saved edited weights reloaded and scored, costed per round rather than per optimizer step. The key
+    covariance is the one every run shares (computed on first use, then read from the user's cache)."""
+    out = tmp_path / "edit_quality.json"
+    argv = ["--methods", "lora", "memit", "--seeds", "0", "--rounds", "2", "--edits-per-round", "4",
+            "--epochs-per-round", "1", "--batch-size", "4", "--out", str(out),
+            "--threads", str(torch.get_num_threads())]
+    table = main(argv)
+    saved = json.loads(out.read_text())
+    assert list(saved["table"]) == ["unedited", "lora", "memit"] and saved["complete"] is True
+    # the overlay's settings, not the bench's adapter flags: its step sizes, and a round written as one batch
+    overlay = MethodConfig.read("memit")
+    module, dm = build(parse_args(argv), "memit", 0, 2, 4)
+    assert isinstance(module, LocateEditModule) and not overlay.takes_optimizer_steps
+    paper_weight = LocateSettings().mom2_weight
+    assert module.locate_settings.mom2_weight == overlay.init_args["locate"]["mom2_weight"] != paper_weight
+    assert (dm.batch_size, dm.epochs_per_update) == (overlay.data_args["batch_size"], 1) and dm.batch_size > 4
+    run = saved["runs"]["memit"][0]
+    assert [r["eval_round"] for r in run["rounds"]] == [0, 1]
+    # the edit is real and the reloaded edited weights reproduce the run's own last evaluation exactly (a reload
+    # that dropped the edit would score the unedited model's ES of 0 here)
+    assert table["memit"]["ES"][0] > table["unedited"]["ES"][0] + 0.5 and run["saved_vs_in_memory"] == 0.0
+    assert run["seconds_per_round"] > 0 and "seconds_per_step" not in run  # no optimizer steps to time
+    assert "seconds_per_step" in saved["runs"]["lora"][0] and "step_vs_lora" not in table["memit"]
+    row = next(line for line in saved["markdown"].splitlines() if line.startswith("| memit"))
+    assert row.count("|") == 14 and row.rstrip(" |").endswith("| - | -")  # s / round given, no step ratios
