@@ -100,7 +100,8 @@ class OptimizerSettings:
 class EvaluationSettings:
     """How each round is scored; the only settings a resumed run may change.
 
-    generation: also score greedy-generation reliability/generality (slower). pass_k / code_samples /
+    generation: also score greedy-generation reliability/generality (slower); MQuAKE's hop probes are generated
+    regardless, since generation is how that benchmark is scored. pass_k / code_samples /
     code_temperature / code_max_new_tokens / sandbox_timeout_s / sandbox_memory_mb: Pass@k of sampled code
     solutions (the sandbox's wall-clock and address-space limits per program).
     """
