@@ -50,7 +50,19 @@ def _prepare(model: PreTrainedModel, gradient_checkpointing: bool) -> PreTrained
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        _no_inference_repacking(model)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
+
+
+def _no_inference_repacking(model: PreTrainedModel) -> None:
+    """Keep a 4-bit base trainable through evaluation. On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a
+    ``Linear4bit``'s weights for its inference kernel at the first eval-mode call without gradients, for good; that
+    kernel has no autograd formula, so every later training step would lose the gradient through the frozen base
+    (the adapters below the last layer would train on the LoRA branch alone). An editing run evaluates between
+    rounds and before its first step (the DPO reference), so the repacking is turned off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
