@@ -25,8 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lit_tacq.hf_quantizer import FORMAT, FORMAT_VERSION, QUANT_METHOD, TaCQConfig
 from lit_tacq.manifest import stored_buffers
-from lit_tacq.mixed_linear import MixedQuantLinear
-from lit_tacq.qlinear import QuantLinear, SpQRLinear, quantized_modules
+from lit_tacq.qlinear import quantized_modules
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "accounted_bits_per_weight", "load_quantized", "measured_bits_per_weight",
            "quantized_modules", "save_quantized", "weight_files"]
@@ -42,24 +41,6 @@ def weight_files(directory: str | Path) -> list[Path]:
     if index.exists():
         return [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     return [directory / "model.safetensors"]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _module_entry(module: QuantLinear | MixedQuantLinear) -> dict[str, Any]:
-    if isinstance(module, (MixedQuantLinear, SpQRLinear)):
-        return module.manifest_entry()
-    return {
-        "in_features": module.in_features,
-        "out_features": module.out_features,
-        "bits": module.bits,
-        "group_size": module.group_size,
-        "nnz": module.outlier_values.numel(),
-        "outlier_dtype": _dtype_name(module.outlier_values.dtype),
-        "bias": module.bias is not None,
-    }
 
 
 def measured_bits_per_weight(source: nn.Module | str | Path) -> float:
@@ -114,11 +95,10 @@ def quantization_config(model: nn.Module, extra: dict[str, Any] | None = None) -
         raise ValueError("the model has no QuantLinear modules; quantize it first")
     n_weights = sum(m.in_features * m.out_features for m in modules.values())
     return TaCQConfig(
-        modules={name: _module_entry(m) for name, m in modules.items()},
+        modules={name: m.manifest_entry() for name, m in modules.items()},
         bits=_setting({m.bits for m in modules.values()}),
         group_size=_setting({m.group_size for m in modules.values()}),
-        kept_fraction=sum(0 if isinstance(m, MixedQuantLinear) else m.outliers.kept()  # mixed layers keep none
-                          for m in modules.values()) / n_weights,
+        kept_fraction=sum(m.kept_weights() for m in modules.values()) / n_weights,
         bits_per_weight=measured_bits_per_weight(model),
         extra=extra or {},
     )

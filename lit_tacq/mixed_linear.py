@@ -132,6 +132,10 @@ class MixedQuantLinear(nn.Module):
                 "group_size": self.group_size, "group_bits": self.widths(),
                 "dtype": str(dtype).removeprefix("torch."), "bias": self.bias is not None}
 
+    def kept_weights(self) -> int:
+        """Weights stored in 16 bits: none, SliM-LLM keeps no outliers."""
+        return sum(part.kept_weights() for part in self.parts.values())
+
     @property
     def qweight(self) -> Tensor:
         """The first part's packed codes: where peft looks for a quantized layer's device when it puts a LoRA adapter

@@ -161,6 +161,16 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize().to(x.dtype), bias)
 
+    def manifest_entry(self) -> dict[str, Any]:
+        """This layer's entry in the manifest (``lit_tacq.manifest`` checks it on load)."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+                "group_size": self.group_size, "nnz": self.outlier_values.numel(),
+                "outlier_dtype": str(self.outlier_values.dtype).removeprefix("torch."), "bias": self.bias is not None}
+
+    def kept_weights(self) -> int:
+        """Weights stored in 16 bits (the sparse part, filler entries not counted)."""
+        return self.outliers.kept()
+
     def stored_bytes(self, include_bias: bool = False) -> int:
         """Bytes of the buffers; the bias is left out by default since a 16-bit layer has it too."""
         names = self.format_buffers + (("bias",) if include_bias and self.bias is not None else ())
@@ -275,11 +285,8 @@ class SpQRLinear(QuantLinear):
 
     def manifest_entry(self) -> dict[str, Any]:
         """This layer's entry in the manifest (``lit_tacq.manifest`` checks it on load)."""
-        return {"kind": SPQR_KIND, "kind_version": SPQR_VERSION, "in_features": self.in_features,
-                "out_features": self.out_features, "bits": self.bits, "group_size": self.group_size,
-                "stat_bits": self.stat_bits, "stat_group_size": self.stat_group_size,
-                "nnz": self.outlier_values.numel(),
-                "outlier_dtype": str(self.outlier_values.dtype).removeprefix("torch."), "bias": self.bias is not None}
+        return {"kind": SPQR_KIND, "kind_version": SPQR_VERSION, **super().manifest_entry(),
+                "stat_bits": self.stat_bits, "stat_group_size": self.stat_group_size}
 
     def decode_statistics(self) -> None:
         """Set ``scale`` and ``zero`` from the stored statistics; non-finite or negative second-level values are an
