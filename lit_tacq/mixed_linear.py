@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_tacq.packing import CODE_BITS, OUTLIER_DTYPES
-from lit_tacq.qlinear import QuantLinear
+from lit_tacq.qlinear import QuantLinear, move_buffers_keeping_dtypes
 from lit_tacq.quantizer import QuantResult, dequantize, expand_groups, n_groups
 
 KIND = "mixed"
@@ -204,10 +204,7 @@ class MixedQuantLinear(nn.Module):
         """Follow device moves but never dtype casts (as QuantLinear): ``model.half()`` must not rewrite the format."""
         for part in self.parts.values():
             part._apply(fn)
-        for name, buf in self._buffers.items():
-            if buf is not None:
-                moved = fn(buf)
-                self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        move_buffers_keeping_dtypes(self, fn)
         return self
 
     def extra_repr(self) -> str:

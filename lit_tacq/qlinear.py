@@ -55,6 +55,15 @@ def _triton_matmul() -> Callable | None:
     return quant_matmul
 
 
+def move_buffers_keeping_dtypes(module: nn.Module, fn: Callable[[Tensor], Tensor]) -> None:
+    """Apply ``fn`` (what ``nn.Module._apply`` is given: a move, a cast, or both) to ``module``'s own buffers but keep
+    each buffer's dtype: the packed format's dtypes are part of the format."""
+    for name, buf in module._buffers.items():
+        if buf is not None:
+            moved = fn(buf)
+            module._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+
+
 class QuantLinear(nn.Module):
     """``y = x @ W^T + b`` with W decoded from packed codes, scale/zero and sparse kept weights.
 
@@ -184,10 +193,7 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "QuantLinear":
         """Follow device moves but never dtype casts: ``model.half()`` must not rewrite the format."""
-        for name, buf in self._buffers.items():
-            if buf is not None:
-                moved = fn(buf)
-                self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        move_buffers_keeping_dtypes(self, fn)
         return self
 
     def extra_repr(self) -> str:

@@ -8,38 +8,8 @@ from pathlib import Path
 import torch
 
 from tests.cli import cli_command, run_cli
+from tests.faults.edit_config import CONFIG
 
-CONFIG = """
-seed_everything: 0
-trainer:
-  accelerator: cpu
-  devices: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: {out}, name: run}}
-  callbacks:
-    - class_path: callbacks.edit_report.EditReport
-      init_args: {{plot: false}}
-    - class_path: callbacks.run_checkpoint.RunCheckpoint
-      init_args: {{every_n_train_steps: 4}}
-    - class_path: tests.faults.kill_switch.KillSwitch
-model:
-  model_name_or_path: {model}
-  method: corsa
-  optimizer: {{learning_rate: 1.0e-2, warmup_steps: 1}}
-  lora: {{r: 4, alpha: 8}}
-  evaluation: {{max_new_tokens: 4}}
-data:
-  class_path: data.counterfact.CounterFactDataModule
-  init_args:
-    source: {data}
-    num_updates: 3
-    edits_per_update: 6
-    epochs_per_update: 2
-    batch_size: 2
-"""
 # 3 batches an epoch, 6 optimiser steps a round, 18 in all; last.ckpt after every round's evaluation and at
 # steps 4, 8 and 16 (not 12: the last batch of round 1, right before its evaluation)
 
@@ -49,7 +19,7 @@ def _command(tmp_path: Path, tiny_assets) -> list[str]:
     config = tmp_path / "config.yaml"
     tmp_path.mkdir(parents=True, exist_ok=True)
     config.write_text(CONFIG.format(out=tmp_path / "runs", model=root / "model",
-                                    data=root / "world" / "counterfact.json"))
+                                    data=root / "world" / "counterfact.json", num_updates=3))
     return cli_command("train.py", config)
 
 

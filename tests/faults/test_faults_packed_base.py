@@ -17,38 +17,8 @@ from lit_tacq.io import save_quantized
 from lit_tacq.pipeline import QuantSettings, quantize_model
 from lit_tacq.qlinear import quantized_modules
 from tests.cli import ROOT, cli_command, cli_env, run_cli
+from tests.faults.edit_config import CONFIG
 
-CONFIG = """
-seed_everything: 0
-trainer:
-  accelerator: cpu
-  devices: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: {out}, name: run}}
-  callbacks:
-    - class_path: callbacks.edit_report.EditReport
-      init_args: {{plot: false}}
-    - class_path: callbacks.run_checkpoint.RunCheckpoint
-      init_args: {{every_n_train_steps: 4}}
-    - class_path: tests.faults.kill_switch.KillSwitch
-model:
-  model_name_or_path: {model}
-  method: corsa
-  optimizer: {{learning_rate: 1.0e-2, warmup_steps: 1}}
-  lora: {{r: 4, alpha: 8}}
-  evaluation: {{max_new_tokens: 4}}
-data:
-  class_path: data.counterfact.CounterFactDataModule
-  init_args:
-    source: {data}
-    num_updates: 2
-    edits_per_update: 6
-    epochs_per_update: 2
-    batch_size: 2
-"""
 # 3 batches an epoch, 6 optimiser steps a round, 12 in all; last.ckpt at steps 4 and 8 and after each round's
 # evaluation (step 6); step 8 is the middle of round 1's first epoch
 
@@ -70,7 +40,7 @@ def packed_world(tiny_assets, tmp_path_factory) -> Path:
 def _command(out: Path, model: Path, data: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     config = out / "config.yaml"
-    config.write_text(CONFIG.format(out=out / "runs", model=model, data=data))
+    config.write_text(CONFIG.format(out=out / "runs", model=model, data=data, num_updates=2))
     return cli_command("train.py", config)
 
 
