@@ -14,9 +14,9 @@ seed and record shuffle seed) on that base, with :class:`StepLog` added to its c
 is kept beside it). ES / PS / NS are scored from the saved adapter read back over its base (every edit in one
 validation pass, as ``bench/edit_quality.py`` scores a saved adapter), next to the run's own final scores.
 
-Step cost: the median wall time of a training batch (one CoRSA step: two forward/backward passes, SAM) after
-the first tenth, the time spent decoding packed weights within it (``QuantLinear.dequantize``, timed by
-:class:`StepLog`), and the peak RSS of the editing process. ``run``'s runs are one thread
+Step cost: the CPU time (one thread) of a training batch (one CoRSA step: two forward/backward passes, SAM)
+after the first tenth, its wall time beside it, the time spent decoding packed weights within it
+(``QuantLinear.dequantize``, timed by :class:`StepLog`), and the peak RSS of the editing process. ``run``'s runs are one thread
 (``OMP_NUM_THREADS=1``) and one after another: on a machine shared with other jobs their step times drift with the
 load. ``steps`` measures the step cost for comparison: a short run (one round) on each base, the three at the
 same time, so that they share whatever load there is; it also times a real model, where a whole run would take
