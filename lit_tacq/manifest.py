@@ -45,6 +45,27 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+Rules = dict[str, tuple[bool, str]]  # field -> (its value is acceptable, what was expected)
+
+
+def _layer_rules(entry: dict[str, Any]) -> Rules:
+    """The fields every kind of packed layer's entry has: its shape and whether it has a bias."""
+    return {
+        "in_features": (_is_int(entry.get("in_features")) and entry["in_features"] > 0, "a positive integer"),
+        "out_features": (_is_int(entry.get("out_features")) and entry["out_features"] > 0, "a positive integer"),
+        "bias": (isinstance(entry.get("bias"), bool), "true or false"),
+    }
+
+
+def _broken_rules(entry: dict[str, Any], rules: Rules, closed: bool = True) -> list[str]:
+    """``field value, expected ...`` for each rule that fails; with ``closed``, fields no rule names are errors too."""
+    problems = [f"{name} {entry[name]!r}, expected {expected}" if name in entry else f"{name} missing"
+                for name, (ok, expected) in rules.items() if not ok]
+    if closed:
+        problems += [f"unknown field {name!r}" for name in sorted(set(entry) - set(rules))]
+    return problems
+
+
 def _module_problems(entry: Any) -> list[str]:
     """What is wrong with one module's entry, as ``field value, expected ...`` phrases."""
     if not isinstance(entry, dict):
@@ -54,20 +75,15 @@ def _module_problems(entry: Any) -> list[str]:
     if "kind" in entry:
         return _mixed_problems(entry)
     rules = {
-        "in_features": (_is_int(entry.get("in_features")) and entry["in_features"] > 0, "a positive integer"),
-        "out_features": (_is_int(entry.get("out_features")) and entry["out_features"] > 0, "a positive integer"),
+        **_layer_rules(entry),
         "bits": (_is_int(entry.get("bits")) and entry["bits"] in SUPPORTED_BITS, f"one of {SUPPORTED_BITS}"),
         "group_size": (entry.get("group_size") is None or (_is_int(entry["group_size"]) and entry["group_size"] > 0),
                        "null or a positive integer"),
         "nnz": (_is_int(entry.get("nnz")) and entry["nnz"] >= 0, "a non-negative integer"),
         "outlier_dtype": (isinstance(entry.get("outlier_dtype"), str) and entry["outlier_dtype"] in OUTLIER_DTYPES,
                           f"one of {sorted(OUTLIER_DTYPES)}"),
-        "bias": (isinstance(entry.get("bias"), bool), "true or false"),
     }
-    problems = [f"{name} {entry[name]!r}, expected {expected}" if name in entry else f"{name} missing"
-                for name, (ok, expected) in rules.items() if not ok]
-    problems += [f"unknown field {name!r}" for name in sorted(set(entry) - set(rules))]
-    return problems
+    return _broken_rules(entry, rules)
 
 
 def _spqr_problems(entry: dict[str, Any]) -> list[str]:
@@ -85,8 +101,7 @@ def _spqr_problems(entry: dict[str, Any]) -> list[str]:
                             "a positive integer"),
     }
     problems = _module_problems({key: value for key, value in entry.items() if key not in own})
-    return problems + [f"{name} {entry[name]!r}, expected {expected}" if name in entry else f"{name} missing"
-                       for name, (ok, expected) in rules.items() if not ok]
+    return problems + _broken_rules(entry, rules, closed=False)
 
 
 def _mixed_problems(entry: dict[str, Any]) -> list[str]:
@@ -97,8 +112,7 @@ def _mixed_problems(entry: dict[str, Any]) -> list[str]:
     rules = {
         "kind": (entry.get("kind") == mixed_linear.KIND,
                  f"{mixed_linear.KIND!r} or {SPQR_KIND!r} (or none: one bit width per layer)"),
-        "in_features": (_is_int(entry.get("in_features")) and entry["in_features"] > 0, "a positive integer"),
-        "out_features": (_is_int(entry.get("out_features")) and entry["out_features"] > 0, "a positive integer"),
+        **_layer_rules(entry),
         "group_size": (_is_int(entry.get("group_size")) and entry["group_size"] > 0, "a positive integer"),
         "group_bits": (isinstance(widths, list) and all(_is_int(b) and b in CODE_BITS for b in widths)
                        and (groups is None or len(widths) == groups),
@@ -106,12 +120,8 @@ def _mixed_problems(entry: dict[str, Any]) -> list[str]:
                         + (f" ({groups} groups)" if groups is not None else ""))),
         "dtype": (isinstance(entry.get("dtype"), str) and entry["dtype"] in OUTLIER_DTYPES,
                   f"one of {sorted(OUTLIER_DTYPES)}"),
-        "bias": (isinstance(entry.get("bias"), bool), "true or false"),
     }
-    problems = [f"{name} {entry[name]!r}, expected {expected}" if name in entry else f"{name} missing"
-                for name, (ok, expected) in rules.items() if not ok]
-    problems += [f"unknown field {name!r}" for name in sorted(set(entry) - set(rules))]
-    return problems
+    return _broken_rules(entry, rules)
 
 
 def stored_buffers(entry: dict[str, Any]) -> tuple[str, ...]:
