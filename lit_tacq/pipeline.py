@@ -398,16 +398,38 @@ def _restore_finished_blocks(model: nn.Module, work: WorkDir, settings: QuantSet
         buffers = work.final_block(index, _device(model))
         for name, linear in find_linears(block).items():
             own = {key.removeprefix(f"{name}."): t for key, t in buffers.items() if key.startswith(f"{name}.")}
-            if settings.quantizer == "slim_llm":
-                block.set_submodule(name, MixedQuantLinear.from_buffers(own, linear.in_features, settings.group_size))
-                continue
-            if settings.quantizer == "spqr":
-                block.set_submodule(name, SpQRLinear.from_buffers(
-                    own, linear.in_features, settings.bits, settings.group_size, stat_bits=settings.stat_bits,
-                    stat_group_size=settings.stat_group_size))
-                continue
-            block.set_submodule(name, QuantLinear.from_buffers(own, linear.in_features, settings.bits,
-                                                               settings.group_size))
+            block.set_submodule(name, _layer_from_buffers(own, linear.in_features, settings))
+
+
+PackedLayer = QuantLinear | MixedQuantLinear
+
+
+def _layer_from_buffers(buffers: dict[str, Tensor], in_features: int, settings: QuantSettings) -> PackedLayer:
+    """A packed layer the final pass stored in the work directory, rebuilt as the quantizer made it."""
+    if settings.quantizer == "slim_llm":
+        return MixedQuantLinear.from_buffers(buffers, in_features, settings.group_size)
+    if settings.quantizer == "spqr":
+        return SpQRLinear.from_buffers(buffers, in_features, settings.bits, settings.group_size,
+                                       stat_bits=settings.stat_bits, stat_group_size=settings.stat_group_size)
+    return QuantLinear.from_buffers(buffers, in_features, settings.bits, settings.group_size)
+
+
+def _pack_layer(linear: nn.Linear, H: Tensor | None, settings: QuantSettings, keep: Tensor | None,
+                dtype: torch.dtype) -> tuple[PackedLayer, Tensor | None]:
+    """The final quantizer on one layer: its packed module and the weights it kept in 16 bits (TaCQ's mask as
+    given, SpQR's own outliers, none for SliM-LLM)."""
+    if settings.quantizer == "slim_llm":
+        mixed = slim_llm_quantize(linear.weight, H, settings.bits, settings.group_size, settings.percdamp,
+                                  settings.slim_splits, settings.salience_weight)
+        return MixedQuantLinear.from_codes(mixed.codes, mixed.scale, mixed.zero, mixed.group_bits,
+                                           mixed.group_size, linear.bias, dtype), keep
+    if settings.quantizer == "spqr":
+        spqr = spqr_quantize(linear.weight, H, settings.bits, settings.group_size, settings.stat_bits,
+                             settings.stat_group_size, settings.outlier_threshold, settings.fraction,
+                             settings.percdamp, settings.block_size)
+        return SpQRLinear.from_result(spqr, linear.bias, dtype), spqr.quant.keep_mask
+    result = quantize_weight(linear.weight, H, settings.quantizer, settings, keep)
+    return QuantLinear.from_result(result, linear.bias, dtype), keep
 
 
 def quantize_model(
@@ -447,7 +469,7 @@ def quantize_model(
         masks = work.mask(score_device)
     dtype = OUTLIER_DTYPES[settings.outlier_dtype]
 
-    packed: dict[str, QuantLinear | MixedQuantLinear] = {}  # of the current block, swapped in when it is done
+    packed: dict[str, PackedLayer] = {}  # of the current block, swapped in when it is done
     kept: dict[str, int] = {}
     weights = 0
 
@@ -455,20 +477,7 @@ def quantize_model(
         nonlocal weights
         linear = block.get_submodule(name)
         keep = None if masks is None else masks[full].to(linear.weight.device)
-        if settings.quantizer == "slim_llm":
-            mixed = slim_llm_quantize(linear.weight, H, settings.bits, settings.group_size, settings.percdamp,
-                                      settings.slim_splits, settings.salience_weight)
-            packed[name] = MixedQuantLinear.from_codes(mixed.codes, mixed.scale, mixed.zero, mixed.group_bits,
-                                                       mixed.group_size, linear.bias, dtype)
-        elif settings.quantizer == "spqr":
-            spqr = spqr_quantize(linear.weight, H, settings.bits, settings.group_size, settings.stat_bits,
-                                 settings.stat_group_size, settings.outlier_threshold, settings.fraction,
-                                 settings.percdamp, settings.block_size)
-            packed[name] = SpQRLinear.from_result(spqr, linear.bias, dtype)
-            keep = spqr.quant.keep_mask
-        else:
-            result = quantize_weight(linear.weight, H, settings.quantizer, settings, keep)
-            packed[name] = QuantLinear.from_result(result, linear.bias, dtype)
+        packed[name], keep = _pack_layer(linear, H, settings, keep, dtype)
         # until the swap, the dense layer computes with exactly the stored weights (and is faster than
         # decoding the packed codes at every call of the remaining Hessian and output passes)
         linear.weight.data.copy_(packed[name].dequantize())
