@@ -279,22 +279,25 @@ def markdown_table(fp: dict[str, float], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_bits(result: dict[str, Any], path: Path) -> None:
-    """Task accuracy against measured bits per weight, one line per method across its bit widths."""
+def plot_task_metric_vs_bits(result: dict[str, Any], path: Path) -> None:
+    """The task metric against measured bits per weight, one line per method across its bit widths: the
+    preference of the true object where the facts carry counterfactuals (a small real model gets few answers
+    exactly right, so its accuracy has no signal), else the accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = "preference" if "preference" in result["fp32"] else "accuracy"
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
     for method in methods:
         rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["bits_measured"])
         style = {"lw": 2.5, "color": "k"} if method == "tacq" else {"lw": 1, "alpha": 0.8}
-        ax.plot([r["bits_measured"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=method, **style)
-    ax.axhline(result["fp32"]["accuracy"], ls=":", color="gray", label="fp32")
+        ax.plot([r["bits_measured"] for r in rows], [r[metric] for r in rows], marker="o", label=method, **style)
+    ax.axhline(result["fp32"][metric], ls=":", color="gray", label="fp32")
     ax.set_xlabel("measured bits per decoder-Linear weight")
-    ax.set_ylabel(f"task accuracy ({result['evaluation_facts']} held-out facts)")
+    ax.set_ylabel(f"task {metric} ({result['evaluation_facts']} held-out facts)")
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -369,6 +372,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--replot", type=Path, nargs="+", metavar="JSON",
+                        help="run nothing: draw the rows of these result files (one model, the same facts, e.g. one "
+                             "file per bit width) in one plot, written to --out's .png")
     return parser.parse_args(argv)
 
 
@@ -389,8 +395,22 @@ def jobs_of(args: argparse.Namespace, data: dict[str, dict[str, Any]]) -> list[J
     return jobs
 
 
+def replot(files: list[Path], path: Path) -> dict[str, Any]:
+    """One plot of several result files' rows; they must share the fp32 scores (the same model and facts)."""
+    results = [json.loads(f.read_text()) for f in files]
+    for f, r in zip(files[1:], results[1:]):
+        if r["fp32"] != results[0]["fp32"]:
+            raise ValueError(f"{f} scores another fp32 model or other facts than {files[0]}: not one plot")
+    merged = {**results[0], "rows": [row for r in results for row in r["rows"]]}
+    plot_task_metric_vs_bits(merged, path)
+    print(f"wrote {path}")
+    return merged
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.replot:
+        return replot(args.replot, args.out.with_suffix(".png"))
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
@@ -427,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["verdicts"] = verdicts(fp, [r for r in rows if r["method"] != "bnb_nf4"], len(pairs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    plot_accuracy_vs_bits(result, args.out.with_suffix(".png"))
+    plot_task_metric_vs_bits(result, args.out.with_suffix(".png"))
 
     print(markdown_table(fp, rows))
     print(f"\n{TABLE_NOTE}")
