@@ -344,9 +344,9 @@ def table(rows: list[dict[str, Any]], references: dict[int, dict[str, Any]]) -> 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     target = TARGETS[args.target]
-    work = Path(args.work_dir or f"runs/bench_edit_then_quantize{'' if args.target == 'world' else '_' + args.target}")
-    work = work.resolve()
-    output = Path(args.output or RESULTS / f"edit_then_quantize{'' if args.target == 'world' else '_' + args.target}.json")
+    suffix = "" if args.target == "world" else f"_{args.target}"  # the world keeps its original file names
+    work = Path(args.work_dir or f"runs/bench_edit_then_quantize{suffix}").resolve()
+    output = Path(args.output or RESULTS / f"edit_then_quantize{suffix}.json")
     work.mkdir(parents=True, exist_ok=True)
     lock = threading.Lock()
     results: dict[str, Any] = {"settings": {"target": args.target, "seeds": args.seeds, "bits": args.bits,
