@@ -8,6 +8,7 @@ error-compensated value. Everything runs in float32.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -58,6 +59,31 @@ def inverse_hessian_cholesky(H: Tensor, percdamp: float = 0.01, max_tries: int =
     raise torch.linalg.LinAlgError(f"Hessian not positive definite after {max_tries} rounds of damping")
 
 
+ColumnQuantizer = Callable[[int, Tensor], Tensor]
+
+
+def sweep_columns(W: Tensor, U: Tensor, block_size: int, quantize_column: ColumnQuantizer) -> None:
+    """GPTQ's column loop with lazy block updates (Frantar et al. 2023, Algorithm 1), updating ``W`` in place.
+
+    ``U`` is the upper Cholesky factor of H^-1. For each column, ``quantize_column(col, rest)`` gets the column's
+    index and the block's not yet quantized columns as updated so far (``rest[:, 0]`` is the column itself, so a
+    grid for a group starting there can be fitted from ``rest[:, :group_size]``) and returns the column's stored
+    value; its error, divided by ``U[col, col]``, is spread over the later columns. Every GPTQ variant here (plain,
+    kept weights, grouped grids, SpQR's outliers, SliM-LLM's widths) differs only in ``quantize_column``.
+    """
+    cols = W.shape[1]
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            q = quantize_column(i1 + i, W1[:, i:])
+            err = (W1[:, i] - q) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            err1[:, i] = err
+        W[:, i2:] -= err1 @ U[i1:i2, i2:]
+
+
 def fill_kept(W: Tensor, keep: Tensor) -> Tensor:
     """``W`` with kept entries replaced by the mean of the other entries of their row.
 
@@ -92,7 +118,6 @@ def gptq_quantize(
         raise ValueError("act_order with group_size would need a column permutation in the stored format")
     W = W.detach().float().clone()
     H = H.detach().to(W.device, torch.float32)
-    cols = W.shape[1]
     keep = torch.zeros_like(W, dtype=torch.bool) if keep_mask is None else keep_mask.to(W.device, torch.bool)
 
     W[:, H.diagonal() == 0] = 0  # inputs that are always zero: the weight never matters
@@ -109,26 +134,20 @@ def gptq_quantize(
 
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = i1 + i
-            if group_size is not None and col % group_size == 0:
-                group = fill_kept(W1[:, i : i + group_size], keep[:, col : col + group_size])
-                scale, zero = find_params(group, bits, sym=sym, mse=mse)
-                scales.append(scale)
-                zeros.append(zero)
-            w, k = W1[:, i], keep[:, col]
-            c = quantize(torch.where(k, 0.0, w), scale[:, 0], zero[:, 0], bits)
-            q = torch.where(k, w, dequantize(c, scale[:, 0], zero[:, 0]))
-            Q[:, col], codes[:, col] = q, c
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            err1[:, i] = err
-        W[:, i2:] -= err1 @ U[i1:i2, i2:]
+
+    def quantize_column(col: int, rest: Tensor) -> Tensor:
+        nonlocal scale, zero
+        if group_size is not None and col % group_size == 0:
+            scale, zero = find_params(fill_kept(rest[:, :group_size], keep[:, col : col + group_size]), bits,
+                                      sym=sym, mse=mse)
+            scales.append(scale)
+            zeros.append(zero)
+        w, k = rest[:, 0], keep[:, col]
+        c = quantize(torch.where(k, 0.0, w), scale[:, 0], zero[:, 0], bits)
+        Q[:, col], codes[:, col] = torch.where(k, w, dequantize(c, scale[:, 0], zero[:, 0])), c
+        return Q[:, col]
+
+    sweep_columns(W, U, block_size, quantize_column)
 
     if act_order:
         inverse = torch.argsort(perm)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lit_tacq.gptq import inverse_hessian_cholesky
+from lit_tacq.gptq import inverse_hessian_cholesky, sweep_columns
 from lit_tacq.quantizer import MSE_NORM, SCALE_DTYPE, dequantize, max_code
 
 SALIENT_SIGMAS = 2.0  # SQC: a weight is salient beyond mean + 2 std of its group's salience
@@ -184,22 +184,21 @@ def slim_llm_quantize(W: Tensor, H: Tensor, bits: int, group_size: int, percdamp
     widths = allocate(salience, bits, split, rankable)
 
     Q, codes = torch.zeros_like(W), torch.zeros_like(W)
-    scales, zeros = [], []
-    for (a, b), width in zip(ranges, widths):
-        W1, U1 = W[:, a:b].clone(), U[a:b, a:b]
-        scale, zero = fit_grid(W1, width, weight_salience(W1, U1), salience_weight)
-        scales.append(scale)
-        zeros.append(zero)
-        err1 = torch.zeros_like(W1)
-        for i in range(b - a):
-            w = W1[:, i]
-            c = grid_codes(w, scale[:, 0], zero[:, 0], width)
-            q = dequantize(c, scale[:, 0], zero[:, 0])
-            Q[:, a + i], codes[:, a + i] = q, c
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            err1[:, i] = err
-        W[:, b:] -= err1 @ U[a:b, b:]
+    starts = {a: (b, width) for (a, b), width in zip(ranges, widths)}
+    grids: list[tuple[Tensor, Tensor, int]] = []  # (scale, zero, width) of each group so far
+
+    def quantize_column(col: int, rest: Tensor) -> Tensor:
+        if col in starts:  # the block is the group: fit its grid from its weights as updated so far
+            b, width = starts[col]
+            group = rest[:, :b - col]
+            grids.append((*fit_grid(group, width, weight_salience(group, U[col:b, col:b]), salience_weight), width))
+        scale, zero, width = grids[-1]
+        codes[:, col] = grid_codes(rest[:, 0], scale[:, 0], zero[:, 0], width)
+        Q[:, col] = dequantize(codes[:, col], scale[:, 0], zero[:, 0])
+        return Q[:, col]
+
+    sweep_columns(W, U, group_size, quantize_column)
+    scales, zeros, _ = zip(*grids)
     return MixedResult(dequantized=Q, codes=codes.to(torch.uint8), scale=torch.cat(scales, dim=1),
                        zero=torch.cat(zeros, dim=1), group_bits=widths, group_size=group_size, salience=salience,
                        split=split, split_errors=errors)

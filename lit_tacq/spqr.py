@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lit_tacq.gptq import fill_kept, inverse_hessian_cholesky
+from lit_tacq.gptq import fill_kept, inverse_hessian_cholesky, sweep_columns
 from lit_tacq.quantizer import (
     QuantResult,
     dequantize,
@@ -151,33 +151,26 @@ def _group_grid(group: Tensor, u_diag: Tensor, bits: int, tau: float, stat_bits:
 def _spqr_pass(W: Tensor, U: Tensor, bits: int, group_size: int, stat_bits: int, stat_group_size: int,
                block_size: int, tau: float) -> tuple[SpQRResult, Tensor]:
     """One GPTQ pass at absolute threshold τ; also every weight's sensitivity as the loop met it."""
-    cols = W.shape[1]
     W = W.clone()
     block_size = group_size * max(1, block_size // group_size)  # a group never straddles two blocks
     Q, codes = torch.zeros_like(W), torch.zeros_like(W)
     keep = torch.zeros_like(W, dtype=torch.bool)
     sensitivity = torch.zeros_like(W)
     grids: list[tuple[Tensor, ...]] = []
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % group_size == 0:
-                grids.append(_group_grid(W1[:, i:i + group_size], U.diagonal()[col:col + group_size], bits, tau,
-                                         stat_bits, stat_group_size))
-                scale, zero = grids[-1][0][:, 0], grids[-1][1][:, 0]
-            w = W1[:, i]
-            sensitivity[:, col] = ((w - dequantize(quantize(w, scale, zero, bits), scale, zero)) / U1[i, i]).square()
-            k = sensitivity[:, col] > tau
-            c = quantize(torch.where(k, 0.0, w), scale, zero, bits)
-            q = torch.where(k, w, dequantize(c, scale, zero))
-            Q[:, col], codes[:, col], keep[:, col] = q, c, k
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            err1[:, i] = err
-        W[:, i2:] -= err1 @ U[i1:i2, i2:]
+
+    def quantize_column(col: int, rest: Tensor) -> Tensor:
+        if col % group_size == 0:
+            grids.append(_group_grid(rest[:, :group_size], U.diagonal()[col:col + group_size], bits, tau,
+                                     stat_bits, stat_group_size))
+        scale, zero = grids[-1][0][:, 0], grids[-1][1][:, 0]
+        w = rest[:, 0]
+        sensitivity[:, col] = ((w - dequantize(quantize(w, scale, zero, bits), scale, zero)) / U[col, col]).square()
+        k = sensitivity[:, col] > tau
+        c = quantize(torch.where(k, 0.0, w), scale, zero, bits)
+        Q[:, col], codes[:, col], keep[:, col] = torch.where(k, w, dequantize(c, scale, zero)), c, k
+        return Q[:, col]
+
+    sweep_columns(W, U, block_size, quantize_column)
     scale, zero, scale_codes, minimum, step = (torch.cat(parts, dim=1) for parts in zip(*grids))
     quant = QuantResult(dequantized=Q, codes=codes.to(torch.uint8), scale=scale, zero=zero, keep_mask=keep,
                         bits=bits, group_size=group_size)
