@@ -54,6 +54,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,9 @@ class Target:
     general: dict[str, Any]
     partner: dict[str, Any]
 
-    @property
+    @cached_property
     def config(self) -> dict[str, Any]:
+        """The editing config, read once."""
         return yaml.safe_load(self.edit_config.read_text())
 
     @property
