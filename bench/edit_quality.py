@@ -146,7 +146,10 @@ def build(args: argparse.Namespace, method: str, seed: int, num_updates: int, ed
             "objective": ObjectiveSettings(beta=args.beta, rho=args.rho, locality_weight=args.locality_weight),
             "lora": LoraSettings(r=args.lora_r, alpha=2 * args.lora_r, target_modules=args.lora_targets),
             "optimizer": OptimizerSettings(learning_rate=args.learning_rate, warmup_steps=args.warmup_steps)}
-    return config.module_class(**{**settings, **config.init_args}), dm
+    init_args = dict(config.init_args)
+    if not config.takes_optimizer_steps and args.locate:  # the bench's --locate over the overlay's locate block
+        init_args["locate"] = {**(init_args.get("locate") or {}), **args.locate}
+    return config.module_class(**{**settings, **init_args}), dm
 
 
 def scores_of_all_edits(args: argparse.Namespace, seed: int, method: str = "lora",
@@ -208,7 +211,8 @@ def aggregate(results: dict[str, list[dict]], unedited: list[dict[str, float]]) 
         for name in (n for n in COLUMNS if all(n in r["saved_adapter"] for r in runs)):
             row[name] = _mean_std([r["saved_adapter"][name] for r in runs])
             row[f"immediate_{name}"] = _mean_std([r["summary"]["immediate"][name] for r in runs])
-            row[f"forgetting_{name}"] = _mean_std([r["summary"]["forgetting"][name] for r in runs])
+            if all(name in r["summary"]["forgetting"] for r in runs):  # none after a single round
+                row[f"forgetting_{name}"] = _mean_std([r["summary"]["forgetting"][name] for r in runs])
         row["seconds_per_round"] = _mean_std([r["seconds_per_round"] for r in runs])
         if all("seconds_per_step" in r for r in runs):  # the methods that take optimizer steps
             row["seconds_per_step"] = _mean_std([r["seconds_per_step"] for r in runs])
@@ -291,6 +295,14 @@ def markdown(table: dict[str, dict], args: argparse.Namespace, seeds: dict[str, 
     return "\n".join(lines)
 
 
+def locate_overrides(text: str) -> dict[str, Any]:
+    """``--locate``: a YAML mapping of LocateSettings fields (checked when the module is built)."""
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"--locate takes a YAML mapping such as '{{layers: null}}', not {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["lora", "sam", "dpo", "corsa", "easyedit_dpo"],
@@ -311,6 +323,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--locality-weight", type=float, default=0.0, help="docs/corsa.md §9; 0 = the paper's objective")
     parser.add_argument("--locality-anchors", type=int, default=0, help="anchor prompts per edit for the locality term")
+    parser.add_argument("--locate", type=locate_overrides, default={},
+                        help="YAML mapping over the locate overlays' locate block (lit_corsa/locate/settings.py), as "
+                             "--model.locate on the CLI (null: the paper's value); the README's SmolLM2 rows show the one for "
+                             "a real model")
     parser.add_argument("--max-new-tokens", type=int, default=6, help="greedy generation length of the gen. scores")
     parser.add_argument("--model", default="world:model", help="model_name_or_path (an HF directory, .gguf, hub id)")
     parser.add_argument("--source", default=None, help="benchmark file; default: the world's")

@@ -56,3 +56,31 @@ def test_bench_runs_a_locate_method_as_train_py_does(tmp_path):
     assert "seconds_per_step" in saved["runs"]["lora"][0] and "step_vs_lora" not in table["memit"]
     row = next(line for line in saved["markdown"].splitlines() if line.startswith("| memit"))
     assert row.count("|") == 14 and row.rstrip(" |").endswith("| - | -")  # s / round given, no step ratios
+
+
+def test_bench_locate_flag_overrides_the_overlay_and_null_means_the_papers_value():
+    """``--locate`` merges over the overlay's locate block, as ``--model.locate`` does on the CLI: what it names
+    changes, what it leaves alone stays the overlay's, and null falls back to the paper's value."""
+    overlay = MethodConfig.read("memit").init_args["locate"]
+    args = parse_args(["--methods", "memit", "--locate", "{v_steps: 7, clamp_norm_factor: null, layers: [0]}"])
+    module, _ = build(args, "memit", 0, 1, 2)
+    settings = module.locate_settings
+    assert (settings.v_steps, settings.layers, settings.clamp_norm_factor) == (7, [0], None)
+    assert settings.mom2_weight == overlay["mom2_weight"] and settings.covariance_source == overlay["covariance_source"]
+    assert module.objective.clamp_norm_factor == 0.75  # MEMIT's paper value
+    with pytest.raises(SystemExit):
+        parse_args(["--locate", "[1, 2]"])  # not a mapping: an argparse error, not a crash at build time
+    # the adapter methods have no locate block: the flag leaves them as they are
+    lora, _ = build(args, "lora", 0, 1, 2)
+    assert not hasattr(lora, "locate_settings")
+
+
+def test_bench_reports_a_single_round_without_forgetting(tmp_path):
+    """Forgetting needs a later round: one round gives none, and the table says '-' rather than failing."""
+    out = tmp_path / "edit_quality.json"
+    table = main(["--methods", "lora", "--seeds", "0", "--rounds", "1", "--edits-per-round", "2",
+                  "--epochs-per-round", "1", "--batch-size", "2", "--out", str(out),
+                  "--threads", str(torch.get_num_threads())])
+    assert "ES" in table["lora"] and "forgetting_ES" not in table["lora"]
+    row = next(line for line in json.loads(out.read_text())["markdown"].splitlines() if line.startswith("| lora"))
+    assert "| - | - |" in row
