@@ -76,6 +76,7 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "tacq_general": ({"saliency": "tacq"}, "general"),
     # SpQR (lit_tacq/spqr.py): β1 = β2 = 16, 3-bit statistics, its own outliers, p of each layer
     "spqr": ({"saliency": "none", "quantizer": "spqr", "group_size": 16}, "task"),
+    "spqr_g32": ({"saliency": "none", "quantizer": "spqr", "group_size": 32}, "task"),  # fewer bits: beside TaCQ's
     # SliM-LLM (lit_tacq/slim_llm.py): bits - 1 / bits / bits + 1 per column group. Groups of 128 as in the paper leave
     # the world model's 64-wide layers one group each (only the 256-wide down projections can mix); groups of 32 let
     # every layer mix, at 1 bit/weight of grids
@@ -335,7 +336,7 @@ def verdicts(fp: dict[str, float], rows: list[dict[str, Any]], n_facts: int) -> 
             line += f"; target >= 95 % at ~3.1 bits: {'met' if share >= 0.95 else 'NOT met'}"
         notes.append(line)
         for rival in ("gptq", "rtn", "gptq_g128", "gptq+magnitude", "gptq+hessian", "gptq+random", "tacq_general",
-                      "spqr", "slim_llm", "slim_llm_g32"):
+                      "spqr", "spqr_g32", "slim_llm", "slim_llm_g32"):
             other = by.get((rival, bits))
             if other is not None:
                 delta = tacq["accuracy"] - other["accuracy"]
