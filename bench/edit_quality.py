@@ -324,9 +324,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--locality-weight", type=float, default=0.0, help="docs/corsa.md §9; 0 = the paper's objective")
     parser.add_argument("--locality-anchors", type=int, default=0, help="anchor prompts per edit for the locality term")
     parser.add_argument("--locate", type=locate_overrides, default={},
-                        help="YAML mapping over the locate overlays' locate block (lit_corsa/locate/settings.py), as "
-                             "--model.locate on the CLI (null: the paper's value); the README's SmolLM2 rows show the one for "
-                             "a real model")
+                        help="YAML mapping over the locate overlays' locate block (lit_corsa/locate/settings.py), "
+                             "as --model.locate on the CLI (null: the paper's value); the README's SmolLM2 section "
+                             "shows the one for a real model")
     parser.add_argument("--max-new-tokens", type=int, default=6, help="greedy generation length of the gen. scores")
     parser.add_argument("--model", default="world:model", help="model_name_or_path (an HF directory, .gguf, hub id)")
     parser.add_argument("--source", default=None, help="benchmark file; default: the world's")
