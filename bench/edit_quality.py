@@ -334,7 +334,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs side by side in worker processes (step costs are then measured under the same load)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "edit_quality.json")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.locate and all(MethodConfig.read(m).takes_optimizer_steps for m in args.methods):
+        parser.error(f"--locate sets the locate methods' settings, and none of --methods {args.methods} is one "
+                     "(rome, memit, alphaedit)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:

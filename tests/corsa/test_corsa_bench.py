@@ -70,6 +70,8 @@ def test_bench_locate_flag_overrides_the_overlay_and_null_means_the_papers_value
     assert module.objective.clamp_norm_factor == 0.75  # MEMIT's paper value
     with pytest.raises(SystemExit):
         parse_args(["--locate", "[1, 2]"])  # not a mapping: an argparse error, not a crash at build time
+    with pytest.raises(SystemExit):
+        parse_args(["--methods", "lora", "corsa", "--locate", "{v_steps: 7}"])  # no method would read it
     # the adapter methods have no locate block: the flag leaves them as they are
     lora, _ = build(args, "lora", 0, 1, 2)
     assert not hasattr(lora, "locate_settings")
