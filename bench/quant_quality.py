@@ -11,7 +11,9 @@ CPU, without checkpoints): a Lightning Trainer fits ``CalibrationModule`` for on
 ``CalibrationDataModule`` builds, and ``TaCQCallback``, holding the row's ``QuantSettings``, quantizes, exports
 to a temporary directory, reloads the export and scores it. Rows differ only in their settings and data: task
 mode on the task file's calibration split; ``tacq_general``: general mode, windows of the corpus's ``train``
-part (the other 90 % of its lines) with as many tokens as the task examples hold. Every row, the fp32 one too,
+part (the other 90 % of its lines) with as many tokens as the task examples hold; ``tacq_mixed``: task mode with
+``--general-share`` of the same token budget as windows of that part (``CalibrationDataModule.general_source``),
+the task examples filling the rest. Every row, the fp32 one too,
 is scored on the task file's evaluation split (accuracy, answer NLL, and preference when its records carry an
 ``alternative``) and by perplexity on the corpus's held-out ``test`` part (every tenth block of its lines,
 ``lit_tacq.calibration``), which no calibration sees. Metrics, bits, seconds and peak memory are the callback's
@@ -74,6 +76,7 @@ METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "gptq+random": ({"saliency": "random"}, "task"),
     "tacq": ({"saliency": "tacq"}, "task"),
     "tacq_general": ({"saliency": "tacq"}, "general"),
+    "tacq_mixed": ({"saliency": "tacq"}, "mixed"),  # facts and general text under one budget
     # SpQR (lit_tacq/spqr.py): β1 = β2 = 16, 3-bit statistics, its own outliers, p of each layer
     "spqr": ({"saliency": "none", "quantizer": "spqr", "group_size": 16}, "task"),
     "spqr_g32": ({"saliency": "none", "quantizer": "spqr", "group_size": 32}, "task"),  # fewer bits: beside TaCQ's
@@ -149,7 +152,8 @@ def product_row(job: Job) -> dict[str, Any]:
                            f"the callback reported {report['quantized']['accuracy']}")
     calibration = report["calibration"]
     return {
-        "method": job.method, "bits": job.bits, "calibration": calibration["mode"], "settings": report["quant"],
+        "method": job.method, "bits": job.bits, "settings": report["quant"],
+        "calibration": "mixed" if calibration["general_share"] else calibration["mode"],
         "calibration_examples": calibration["examples"], "calibration_tokens": calibration["tokens"],
         "calibration_seconds": calibration["seconds"], "quantization_seconds": report["quantization_seconds"],
         "stage_seconds": report["stage_seconds"], "peak_rss_mb": report["peak_rss_mb"],
@@ -211,9 +215,9 @@ def in_own_processes(jobs: list[Job]) -> list[dict[str, Any]]:
 
 
 def data_settings(args: argparse.Namespace) -> tuple[CalibrationDataModule, dict[str, dict[str, Any]]]:
-    """CalibrationDataModule settings per calibration mode, both scored on the task file's evaluation facts and
+    """CalibrationDataModule settings per calibration mode, all scored on the task file's evaluation facts and
     the corpus's held-out part; general mode calibrates on the corpus's other part with the task examples'
-    token count (hence the built task data module, returned too)."""
+    token count (hence the built task data module, returned too), mixed mode on both under the task budget."""
     common = {"model_name_or_path": args.model, "seed": args.seed, "eval_source": args.task_qa,
               "eval_split": "evaluation", "eval_max_items": args.eval_max, "eval_text": args.corpus,
               "eval_text_split": "test", "window": args.window, "eval_windows": args.eval_windows}
@@ -223,7 +227,8 @@ def data_settings(args: argparse.Namespace) -> tuple[CalibrationDataModule, dict
     module.setup()
     tokens = sum(len(e) for e in module.examples)
     general = {"source": args.corpus, "mode": "general", "split": "train", "token_budget": tokens, **common}
-    return module, {"task": task, "general": general}
+    mixed = {**task, "general_source": args.corpus, "general_share": args.general_share}
+    return module, {"task": task, "general": general, "mixed": mixed}
 
 
 def time_call(fn: Any, repeats: int) -> float:
@@ -336,7 +341,7 @@ def verdicts(fp: dict[str, float], rows: list[dict[str, Any]], n_facts: int) -> 
             line += f"; target >= 95 % at ~3.1 bits: {'met' if share >= 0.95 else 'NOT met'}"
         notes.append(line)
         for rival in ("gptq", "rtn", "gptq_g128", "gptq+magnitude", "gptq+hessian", "gptq+random", "tacq_general",
-                      "spqr", "spqr_g32", "slim_llm", "slim_llm_g32"):
+                      "tacq_mixed", "spqr", "spqr_g32", "slim_llm", "slim_llm_g32"):
             other = by.get((rival, bits))
             if other is not None:
                 delta = tacq["accuracy"] - other["accuracy"]
@@ -363,6 +368,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=[*METHODS, NF4], choices=[*METHODS, NF4])
     parser.add_argument("--fraction", type=float, default=0.0035)
     parser.add_argument("--token-budget", type=int, default=128 * 2048)
+    parser.add_argument("--general-share", type=float, default=0.5,
+                        help="tacq_mixed: the share of the token budget that is windows of the corpus")
     parser.add_argument("--window", type=int, default=128,
                         help="tokens per window of the corpus, calibration and perplexity (the world model has 256 "
                              "positions)")

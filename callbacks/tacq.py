@@ -288,6 +288,8 @@ class TaCQCallback(Callback):
                 "tokens": sum(len(e) for e in datamodule.examples),
                 "mode": datamodule.hparams.get("mode"),
                 "source": datamodule.hparams.get("source"),
+                "general_source": datamodule.hparams.get("general_source"),  # mixed into task mode, with its share
+                "general_share": datamodule.hparams.get("general_share", 0.0),
                 "seconds": self.calibration_seconds,
             },
         }

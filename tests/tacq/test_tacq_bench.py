@@ -37,10 +37,10 @@ def test_bench_rows_are_what_quantize_py_gives(tiny, tmp_path):
     out = tmp_path / "quant_quality.json"
     task_qa = _with_alternatives(tiny, tmp_path)
     result = main(["--model", tiny.model_dir, "--task-qa", task_qa, "--corpus", tiny.corpus, "--bits", "2",
-                   "--methods", "gptq", "tacq", "tacq_general", "nf4", "--token-budget", "300", "--window", "32",
+                   "--methods", "gptq", "tacq", "tacq_general", "tacq_mixed", "nf4", "--token-budget", "300", "--window", "32",
                    "--timing-shapes", "64x32", "--out", str(out), "--threads", "1"])
     saved = json.loads(out.read_text())
-    assert [r["method"] for r in saved["rows"]] == ["gptq", "tacq", "tacq_general", "bnb_nf4"]
+    assert [r["method"] for r in saved["rows"]] == ["gptq", "tacq", "tacq_general", "tacq_mixed", "bnb_nf4"]
     rows = {r["method"]: r for r in result["rows"]}
 
     report = _quantize_py_report(tiny, task_qa, tmp_path, bits=2)
@@ -60,6 +60,9 @@ def test_bench_rows_are_what_quantize_py_gives(tiny, tmp_path):
     assert general["calibration"] == "general"  # windows of 32 tokens, as many tokens as the task examples at most
     windows = saved["calibration"]["general_windows"]
     assert general["calibration_examples"] == windows == saved["calibration"]["task_tokens"] // 32
+    mixed = rows["tacq_mixed"]  # half of the 300-token budget as windows of 32: five, then facts up to the budget
+    assert mixed["calibration"] == "mixed" and mixed["settings"] == tacq["settings"]
+    assert 160 < mixed["calibration_tokens"] <= 300 and mixed["calibration_examples"] > 5
     assert rows["gptq"]["calibration_seconds"] > 0  # the product runs the gradient epoch for every row
     assert tacq["bits_measured"] > rows["gptq"]["bits_measured"]  # the kept weights cost bits
     assert all(r["peak_rss_mb"] > 0 for r in rows.values())

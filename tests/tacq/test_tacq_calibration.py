@@ -206,3 +206,37 @@ def test_a_mistyped_text_path_fails_at_once(tmp_path, monkeypatch):
     for typo in (str(tmp_path / "wiki.utf8.txt"), "./calib.txt", "data/real/no_such/file.jsonl"):
         with pytest.raises(FileNotFoundError, match="no such file or directory"):
             read_text(typo)
+
+
+def test_mixed_calibration_takes_its_share_of_text_windows_and_fills_the_rest_with_task_examples(tiny):
+    task_only = CalibrationDataModule(tiny.task_qa, model_name_or_path=tiny.model_dir, token_budget=256, window=32)
+    mixed = CalibrationDataModule(tiny.task_qa, model_name_or_path=tiny.model_dir, token_budget=256, window=32,
+                                  general_source=tiny.corpus, general_share=0.25)
+    task_only.setup()
+    mixed.setup()
+    train = _windows_of(tokenize_text(read_text(tiny.corpus, "train"), mixed.tokenizer), 32)
+    windows = [e for e in mixed.examples if tuple(e.input_ids.tolist()) in train]
+    assert len(windows) == 2 and all(torch.equal(e.labels, e.input_ids) for e in windows)  # 0.25 x 256 / 32
+    facts = mixed.examples[: len(mixed.examples) - 2]
+    assert sum(map(len, facts)) <= 256 - 64 < sum(map(len, task_only.examples))
+    assert [e.input_ids.tolist() for e in facts] == [e.input_ids.tolist() for e in task_only.examples[: len(facts)]]
+    assert mixed.fingerprint() != task_only.fingerprint()
+
+
+@pytest.mark.parametrize("settings, match", [
+    ({"general_source": "corpus", "general_share": 0.0}, r"general_share=0.0 .*\(0, 1\)"),
+    ({"general_source": "corpus", "general_share": 1}, r"general_share=1 "),
+    ({"general_share": 0.5}, r"general_share=0.5 with general_source=None"),
+    ({"general_source": "corpus", "general_share": 0.5, "mode": "general"}, "general mode is text alone"),
+])
+def test_mixed_calibration_settings_are_checked(tiny, settings, match):
+    settings = {**settings, "general_source": tiny.corpus} if "general_source" in settings else settings
+    with pytest.raises(ValueError, match=match):
+        CalibrationDataModule(tiny.task_qa, model_name_or_path=tiny.model_dir, **settings)
+
+
+def test_mixed_windows_that_fill_the_budget_are_an_error(tiny):
+    dm = CalibrationDataModule(tiny.task_qa, model_name_or_path=tiny.model_dir, token_budget=32, window=32,
+                               general_source=tiny.corpus, general_share=0.9)
+    with pytest.raises(ValueError, match="fill the whole budget of 32"):
+        dm.setup()
