@@ -118,7 +118,7 @@ def task_examples(
     The loss covers every token by default (as the reference does); ``answer_only`` keeps the answer's.
     ``encoder``: how a (prompt, answer) pair becomes tokens (default: plain prompt + answer).
     """
-    encoder = encoder or AnswerTokenizer(tokenizer, max_length=token_budget)
+    encoder = encoder or AnswerTokenizer(tokenizer, max_length=10**6)  # the budget, not a length cap, decides
     order = list(records)
     random.Random(seed).shuffle(order)
     examples, total = [], 0

@@ -240,3 +240,9 @@ def test_mixed_windows_that_fill_the_budget_are_an_error(tiny):
                                general_source=tiny.corpus, general_share=0.9)
     with pytest.raises(ValueError, match="fill the whole budget of 32"):
         dm.setup()
+
+
+def test_a_budget_below_one_example_says_so(tiny):
+    dm = CalibrationDataModule(tiny.task_qa, model_name_or_path=tiny.model_dir, token_budget=3)
+    with pytest.raises(ValueError, match="token_budget=3 is smaller than the first example"):
+        dm.setup()
