@@ -184,7 +184,7 @@ def run_one(args: argparse.Namespace, method: str, seed: int, out_dir: Path) -> 
     cost = {"seconds_per_round": timer.seconds_per_round()}
     if MethodConfig.read(method).takes_optimizer_steps:
         cost["seconds_per_step"] = timer.seconds_per_step()
-    return {"summary": metrics["summary"], "rounds": metrics["rounds"], **cost,
+    return {"seed": seed, "summary": metrics["summary"], "rounds": metrics["rounds"], **cost,
             "saved_adapter": saved, **difference}
 
 
@@ -213,7 +213,8 @@ def aggregate(results: dict[str, list[dict]], unedited: list[dict[str, float]]) 
             row[f"immediate_{name}"] = _mean_std([r["summary"]["immediate"][name] for r in runs])
             if all(name in r["summary"]["forgetting"] for r in runs):  # none after a single round
                 row[f"forgetting_{name}"] = _mean_std([r["summary"]["forgetting"][name] for r in runs])
-        row["seconds_per_round"] = _mean_std([r["seconds_per_round"] for r in runs])
+        if all("seconds_per_round" in r for r in runs):  # not in files of older versions (bench.edit_combine)
+            row["seconds_per_round"] = _mean_std([r["seconds_per_round"] for r in runs])
         if all("seconds_per_step" in r for r in runs):  # the methods that take optimizer steps
             row["seconds_per_step"] = _mean_std([r["seconds_per_step"] for r in runs])
         row["saved_vs_in_memory"] = max(r["saved_vs_in_memory"] for r in runs)
@@ -360,7 +361,7 @@ def run_task(args: argparse.Namespace, task: tuple[str, int], tmp: Path) -> dict
     """One unit of the benchmark: the unedited model's scores for a seed, or one (method, seed) run."""
     method, seed = task
     if method == UNEDITED:
-        return scores_of_all_edits(args, seed)
+        return {**scores_of_all_edits(args, seed), "seed": seed}  # the seed: bench.edit_combine matches runs by it
     return timed_run(args, method, seed, tmp / f"{method}-{seed}")
 
 

@@ -22,6 +22,9 @@ def test_bench_runs_and_reports_every_method(benchmark, tmp_path):
     # the final scores are the saved adapter's, read back from disk: the same as the run's own last evaluation
     assert all(run["saved_vs_in_memory"] == 0.0 for runs in saved["runs"].values() for run in runs)
     assert saved["complete"] is True
+    # every run and unedited row says its seed (bench.edit_combine matches separate jobs' runs by it)
+    seeds = [r["seed"] for runs in saved["runs"].values() for r in runs] + [u["seed"] for u in saved["unedited"]]
+    assert seeds == [0, 0, 0]
     assert table["corsa"]["seconds_per_step"][0] > 0 and "step_vs_lora" in table["corsa"]  # timed, not asserted
     assert ("NS" in table["corsa"]) == (benchmark == "counterfact")  # ZsRE has no neighbourhood score
     rows = [line for line in saved["markdown"].splitlines() if line.startswith(("| unedited", "| lora", "| corsa"))]
