@@ -11,7 +11,7 @@ Costs are left out: times are only comparable within one command's runs (read th
 
 It refuses what would not be a fair table, naming the file and the field: files that edit other records or
 score them otherwise (benchmark, model, source, rounds, edits per round, generation length), adapter methods
-trained with other settings, locate methods with other ``--locate`` settings, two files with the same
+trained with other settings, one locate method run with other ``--locate`` settings, two files with the same
 (method, seed), or two files whose unedited scores for one seed differ (then the seed picked other records).
 A run is matched to its seed by the seed the bench stores with it; in files written before it stored one, a
 method that ran every seed of the ``seeds`` setting is matched in order, and one that ran only some is refused.
@@ -67,11 +67,14 @@ def _takes_steps(method: str) -> bool:
 
 
 def check_settings(files: dict[Path, dict[str, Any]]) -> dict[str, str]:
-    """The settings the files share, or a :class:`CombineError` naming the first field two of them differ in."""
+    """The settings the files share, or a :class:`CombineError` naming the first field two of them differ in:
+    the protocol in all files, the training settings among files with an adapter method, and ``--locate``
+    among the files that ran the same locate method (each reads only its own fields of it)."""
+    methods = {m for saved in files.values() for m in saved["runs"]}
+    groups = [(PROTOCOL, lambda runs: True), (TRAINING, lambda runs: any(_takes_steps(m) for m in runs))]
+    groups += [(LOCATE, lambda runs, m=m: m in runs) for m in sorted(methods) if not _takes_steps(m)]
     combined: dict[str, str] = {}
-    for fields, applies in ((PROTOCOL, lambda methods: True),
-                            (TRAINING, lambda methods: any(_takes_steps(m) for m in methods)),
-                            (LOCATE, lambda methods: any(not _takes_steps(m) for m in methods))):
+    for fields, applies in groups:
         first: Path | None = None
         for path, saved in files.items():
             if not applies(saved["runs"]):
@@ -82,7 +85,8 @@ def check_settings(files: dict[Path, dict[str, Any]]) -> dict[str, str]:
                 if mine != theirs:
                     raise CombineError(f"{path}: {field} = {mine}, but {first} has {theirs}: their runs are not "
                                        "comparable in one table")
-                combined[field] = mine
+                if fields is not LOCATE:  # per method: the source files keep it
+                    combined[field] = mine
     return combined
 
 

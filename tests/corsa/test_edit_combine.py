@@ -55,8 +55,12 @@ def test_runs_of_separate_jobs_share_one_table_with_paired_differences(tmp_path,
 def test_a_locate_method_needs_no_training_settings_in_common(tmp_path):
     adapters = _file(tmp_path, "a.json", [0], {"lora": [_run(0.5, 0)]})
     rome = _file(tmp_path, "r.json", [0], {"rome": [_run(0.9, 0)]}, epochs_per_round="10", locate="{'v_steps': 15}")
-    combined = main([adapters, rome, "--out", str(tmp_path / "c.json")])
+    memit = _file(tmp_path, "m.json", [0], {"memit": [_run(0.6, 0)]}, locate="{'mom2_weight': 1607.0}")
+    combined = main([adapters, rome, memit, "--out", str(tmp_path / "c.json")])  # each method its own --locate
     assert math.isclose(combined["paired_vs_base"]["rome"]["PS"][0], 0.4)
+    other_rome = _file(tmp_path, "r1.json", [1], {"rome": [_run(0.9, 1)]}, locate="{'v_steps': 25}")
+    with pytest.raises(SystemExit):  # one method, two --locate settings: refused
+        main([adapters, rome, other_rome, "--out", str(tmp_path / "c.json")])
 
 
 @pytest.mark.parametrize("second, message", [
