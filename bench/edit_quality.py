@@ -221,13 +221,22 @@ def aggregate(results: dict[str, list[dict]], unedited: list[dict[str, float]]) 
         if all("sampled_saved_vs_in_memory" in r for r in runs):
             row["sampled_saved_vs_in_memory"] = max(r["sampled_saved_vs_in_memory"] for r in runs)
         table[method] = row
-    for row in table.values():
-        if "NS" in row and table["unedited"].get("NS", (0,))[0] > 0:
-            row["NS_vs_unedited"] = row["NS"][0] / table["unedited"]["NS"][0]
+    for method, row in table.items():
+        base = _unedited_ns(results.get(method, []), unedited)
+        if "NS" in row and base > 0:
+            row["NS_vs_unedited"] = row["NS"][0] / base
         for base in ("dpo", "lora"):
             if "seconds_per_step" in table.get(base, {}) and "seconds_per_step" in row:
                 row[f"step_vs_{base}"] = row["seconds_per_step"][0] / table[base]["seconds_per_step"][0]
     return table
+
+
+def _unedited_ns(runs: list[dict], unedited: list[dict[str, float]]) -> float:
+    """The unedited model's mean NS over the seeds ``runs`` ran (all seeds for the unedited row itself, or for
+    runs that store no seed): a method with fewer seeds is compared with the same records."""
+    seeds = {r.get("seed") for r in runs}
+    same = [u for u in unedited if u.get("seed") in seeds] if runs and None not in seeds else unedited
+    return statistics.mean(u["NS"] for u in same) if same and all("NS" in u for u in same) else 0.0
 
 
 def plot_rounds(results: dict[str, list[dict]], path: Path, title: str) -> None:

@@ -79,3 +79,11 @@ def test_files_that_would_not_make_a_fair_table_are_refused(tmp_path, capsys, se
     with pytest.raises(SystemExit):
         main([first, other, "--out", str(tmp_path / "c.json")])
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_ns_is_shared_against_the_unedited_model_on_the_methods_own_seeds(tmp_path):
+    first = _file(tmp_path, "a.json", [0], {"lora": [_run(0.5, 0)], "corsa": [_run(0.5, 0)]}, unedited_ns=0.8)
+    second = _file(tmp_path, "b.json", [1], {"lora": [_run(0.5, 1)]}, unedited_ns=0.4)
+    table = main([first, second, "--out", str(tmp_path / "c.json")])["table"]
+    assert math.isclose(table["corsa"]["NS_vs_unedited"], 0.5 / 0.8)  # seed 0 only: not the mean over 0 and 1
+    assert math.isclose(table["lora"]["NS_vs_unedited"], 0.5 / 0.6)
