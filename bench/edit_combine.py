@@ -111,7 +111,7 @@ def combine(paths: list[Path]) -> tuple[dict[str, list[dict]], list[dict], dict[
         for seed, scores in file_unedited.items():
             if seed in unedited:
                 other, before = unedited[seed]
-                differs = [k for k in PAIRED if k in scores and not math.isclose(scores[k], before.get(k, math.nan))]
+                differs = [k for k in PAIRED if k in scores and k in before and not math.isclose(scores[k], before[k])]
                 if differs:
                     raise CombineError(f"{path}: the unedited {differs[0]} of seed {seed} is {scores[differs[0]]}, "
                                        f"{other} has {before[differs[0]]}: the seed edited other records there")

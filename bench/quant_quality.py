@@ -297,11 +297,11 @@ def plot_task_metric_vs_bits(result: dict[str, Any], path: Path) -> None:
     metric = "preference" if "preference" in result["fp32"] else "accuracy"
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
-    colors = plt.get_cmap("tab20").colors  # more methods than the default cycle's 10 colours
-    markers = "os^Dv"  # and a marker that changes with each pass through the colours' pairs
+    colors = plt.get_cmap("tab20").colors  # pairs of a dark and a light shade: the 10 dark ones, then the light
+    markers = "os^Dv"  # a new marker with each ten methods
     for i, method in enumerate(methods):
         rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["bits_measured"])
-        color, marker = colors[(2 * i) % 20 + (2 * i) // 20 % 2], markers[i // 10 % 5]
+        color, marker = colors[(2 * i + i // 10) % 20], markers[i // 10 % 5]
         style = ({"lw": 2.5, "color": "k", "marker": "o"} if method == "tacq" else
                  {"lw": 1, "alpha": 0.8, "color": color, "marker": marker})
         ax.plot([r["bits_measured"] for r in rows], [r[metric] for r in rows], label=method, **style)
